@@ -1,0 +1,190 @@
+"""The datasets: find them on disk (or download them), and load each split once into a uint8 tensor.
+
+Every dataset is read by its own library (torchvision or medmnist) from `data_dir`:
+MNIST in data_dir/MNIST/raw, Fashion-MNIST in data_dir/FashionMNIST/raw, CIFAR-10 in
+data_dir/cifar-10-batches-py, SVHN as data_dir/{train,test}_32x32.mat, MedMNIST as
+data_dir/<flag>.npz (28 px) or data_dir/<flag>_<size>.npz.
+"""
+
+import gzip
+import os
+import pickle
+import shutil
+import tempfile
+
+import medmnist
+import numpy as np
+import torch
+from torchvision import datasets
+
+from util import UserError
+
+DATASETS = ("mnist", "cifar10", "fashionmnist", "chestmnist", "octmnist", "tissuemnist",
+            "pneumoniamnist", "svhn")
+MEDMNIST_SIZES = (28, 64, 128, 224)
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
+
+# Looked up at call time, so a test can swap in a subclass whose md5 entries are None.
+TORCHVISION_CLASSES = {"mnist": datasets.MNIST, "fashionmnist": datasets.FashionMNIST,
+                       "cifar10": datasets.CIFAR10, "svhn": datasets.SVHN}
+MEDMNIST_CLASSES = {"chestmnist": medmnist.ChestMNIST, "octmnist": medmnist.OCTMNIST,
+                    "tissuemnist": medmnist.TissueMNIST, "pneumoniamnist": medmnist.PneumoniaMNIST}
+NATIVE_SHAPES = {"mnist": (1, 28, 28), "fashionmnist": (1, 28, 28),
+                 "cifar10": (3, 32, 32), "svhn": (3, 32, 32)}
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def image_shape(name, image_size=None):
+    """(C, H, W) of the dataset's images; image_size picks a MedMNIST resolution (default 28)."""
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    if name in MEDMNIST_CLASSES:
+        size = 28 if image_size is None else image_size
+        if size not in MEDMNIST_SIZES:
+            raise UserError(f"{name} comes in sizes {', '.join(map(str, MEDMNIST_SIZES))}, "
+                            f"not {size}")
+        return (1, size, size)
+    shape = NATIVE_SHAPES[name]
+    if image_size is not None and image_size != shape[1]:
+        raise UserError(f"{name} images are {shape[1]}x{shape[2]}; only MedMNIST has other sizes "
+                        f"(asked for {image_size})")
+    return shape
+
+
+def load_split(name, split, data_dir, image_size=None, download=True):
+    """Images uint8 (N, C, H, W), contiguous, and labels int64 (N,) of one split ("train" or "test").
+
+    Files are looked for in data_dir first; Fashion-MNIST is then taken from Debian's
+    dataset-fashion-mnist package if installed; only then, if download is true, does the
+    library download them. ChestMNIST is multi-label (14 findings): its label here is 1 if
+    any finding is present, else 0. SVHN's label 10 (digit 0) is 0, as torchvision gives it.
+    Any missing, unreadable or undownloadable file raises UserError naming it."""
+    shape = image_shape(name, image_size)
+    if split not in ("train", "test"):
+        raise UserError(f"split must be 'train' or 'test', not {split!r}")
+    data_dir = os.fspath(data_dir)
+    size = shape[-1]
+    needed = _needed_files(name, split, data_dir, size)
+    if name == "fashionmnist" and _missing(needed):
+        _copy_debian_fashion_mnist(os.path.dirname(needed[0]))
+    missing = _missing(needed)
+    folder = os.path.dirname(needed[0])
+    if missing and not download:
+        raise UserError(f"{name}: no copy in {folder} ({os.path.basename(missing[0])} is missing) "
+                        f"and downloading is off; allow the download or copy the files there"
+                        f"{_how_to_get(name)}")
+    if missing:
+        os.makedirs(data_dir, exist_ok=True)  # medmnist refuses a root that does not exist
+    try:
+        images, labels = _read(name, split, data_dir, size, download=bool(missing))
+    except Exception as error:  # the libraries raise anything from AssertionError to KeyError
+        if _missing(needed):
+            raise UserError(f"{name}: no copy in {folder} and the download failed "
+                            f"(no internet? {_first_line(error)}); run once on a machine that is "
+                            f"online and copy the files there{_how_to_get(name)}") from None
+        bad_file = _unreadable_file(name, needed) or folder
+        raise UserError(f"{name}: could not read {bad_file}: {_first_line(error)}") from None
+    if images.shape[1:] != shape or images.dtype != torch.uint8 or len(labels) != len(images):
+        raise UserError(f"{name}: the {split} split in {data_dir} holds {tuple(images.shape)} "
+                        f"{images.dtype} images and {len(labels)} labels; expected uint8 "
+                        f"(N, {', '.join(map(str, shape))}) and one label per image")
+    return images.contiguous(), labels
+
+
+def _needed_files(name, split, data_dir, size):
+    """Every file the library insists on before it reads `split`."""
+    if name in ("mnist", "fashionmnist"):
+        raw = os.path.join(data_dir, TORCHVISION_CLASSES[name].__name__, "raw")
+        return [os.path.join(raw, f) for f in IDX_FILES]  # torchvision wants all four for either split
+    if name == "cifar10":
+        batches = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+        return [os.path.join(data_dir, "cifar-10-batches-py", f) for f in batches]
+    if name == "svhn":
+        return [os.path.join(data_dir, f"{split}_32x32.mat")]
+    suffix = "" if size == 28 else f"_{size}"
+    return [os.path.join(data_dir, f"{MEDMNIST_CLASSES[name].flag}{suffix}.npz")]
+
+
+def _missing(paths):
+    return [p for p in paths if not os.path.isfile(p)]
+
+
+def _read(name, split, data_dir, size, download):
+    """The split's arrays taken straight from the library's dataset object."""
+    if name in MEDMNIST_CLASSES:
+        # Never len(dataset): medmnist asserts the official sample count there.
+        dataset = MEDMNIST_CLASSES[name](split=split, root=data_dir, download=download, size=size)
+        images = torch.from_numpy(np.ascontiguousarray(dataset.imgs)).unsqueeze(1)
+        labels = dataset.labels.any(axis=1) if name == "chestmnist" else dataset.labels[:, 0]
+        return images, torch.from_numpy(labels.astype(np.int64))
+    cls = TORCHVISION_CLASSES[name]
+    if name == "svhn":
+        dataset = cls(data_dir, split=split, download=download)
+        return torch.from_numpy(dataset.data), torch.from_numpy(dataset.labels).long()
+    dataset = cls(data_dir, train=(split == "train"), download=download)
+    if name == "cifar10":  # torchvision hands CIFAR out as (N, H, W, C)
+        return torch.from_numpy(dataset.data).permute(0, 3, 1, 2), torch.tensor(dataset.targets)
+    return dataset.data.unsqueeze(1), dataset.targets.long()
+
+
+def _copy_debian_fashion_mnist(raw_folder):
+    """Decompress Debian's four .gz files into raw_folder; torchvision rejects their md5s as .gz."""
+    sources = [os.path.join(DEBIAN_FASHION_MNIST, f + ".gz") for f in IDX_FILES]
+    if _missing(sources):
+        return
+    for source, name in zip(sources, IDX_FILES):
+        target = os.path.join(raw_folder, name)
+        if os.path.isfile(target):
+            continue
+        tmp_path = None
+        try:
+            os.makedirs(raw_folder, exist_ok=True)
+            fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", dir=raw_folder)
+            with gzip.open(source, "rb") as fin, os.fdopen(fd, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+            os.replace(tmp_path, target)  # an interrupted copy leaves no half file under the real name
+            tmp_path = None
+        except (OSError, EOFError) as error:
+            raise UserError(f"fashionmnist: could not copy {source} into {raw_folder}: "
+                            f"{_first_line(error)}") from None
+        finally:
+            if tmp_path is not None and os.path.exists(tmp_path):
+                os.remove(tmp_path)
+
+
+def _unreadable_file(name, paths):
+    """After the library failed: the first file that is plainly broken, or None if none is."""
+    if len(paths) == 1:
+        return paths[0]
+    for path in paths:
+        try:
+            if name == "cifar10":
+                with open(path, "rb") as f:
+                    pickle.load(f, encoding="latin1")
+            elif not _idx_size_matches(path):
+                return path
+        except Exception:
+            return path
+    return None
+
+
+def _idx_size_matches(path):
+    """IDX: 0, 0, dtype byte, ndim, then ndim big-endian uint32 sizes, then one byte per element."""
+    with open(path, "rb") as f:
+        header = f.read(4)
+        dims = np.frombuffer(f.read(4 * header[3]), dtype=">u4")
+    expected_bytes = 4 + 4 * len(dims) + int(np.prod(dims, dtype=np.int64))
+    return len(dims) == header[3] and os.path.getsize(path) == expected_bytes
+
+
+def _how_to_get(name):
+    if name == "fashionmnist":
+        return ", or `apt-get install dataset-fashion-mnist`"
+    return ""
+
+
+def _first_line(error):
+    """Library errors can span many lines (medmnist prints a whole how-to); keep the gist."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__

@@ -1,0 +1,90 @@
+"""Small shared helpers that know neither models nor datasets: the user-error type,
+checkpoint files, image grids, seeding and the per-run CSV."""
+
+import csv
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+
+import torch
+from torchvision.utils import save_image
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, missing or unreadable file).
+
+    The command line prints it as one line and exits with status 2."""
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def atomic_torch_save(obj, path):
+    """Write `obj` so that `path` is either the old file or the complete new one, never half.
+
+    The temporary file lives in the same folder so the final rename cannot cross filesystems."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp_path = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+        tmp_path = None
+    except OSError as e:
+        raise UserError(f"could not save {path}: {e.strerror or e}; "
+                        "any previous file there is left intact") from None
+    finally:
+        if tmp_path is not None and os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+def load_torch_file(path, what="checkpoint"):
+    """Load a file written by atomic_torch_save onto the CPU, refusing pickled code."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} not found: {path}")
+    try:
+        # weights_only=True refuses any pickle that would import or run code.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling failed"
+        raise UserError(f"{path} is not a safe VanVAE {what} (refused to load: {first_line})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is not a readable {what} (truncated or corrupted?): {reason}") from None
+
+
+def save_image_grid(images, path, nrow=None):
+    """Save float images in [0, 1] (N, C, H, W) as one PNG grid."""
+    n = images.shape[0]
+    nrow = nrow or max(1, int(n ** 0.5 + 0.5))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_image(images.detach().float().cpu().clamp(0, 1), path, nrow=nrow, padding=2)
+
+
+def append_csv_row(path, row):
+    """Append one dict as a CSV row, writing the header when the file is new."""
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def write_csv(path, rows):
+    """Rewrite a whole CSV from a list of dicts (used after resuming, so history is not doubled)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        if rows:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    os.replace(tmp, path)
