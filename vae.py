@@ -107,6 +107,14 @@ class VanillaVAE(nn.Module):
             # One learned decoder scale shared by all pixels (Rybkin et al. 2021, sigma-VAE).
             self.log_scale = nn.Parameter(torch.zeros(()))
 
+    @torch.no_grad()
+    def init_decoder_scale(self, images_uint8):
+        """Start the Gaussian's scale at the pixels' standard deviation, the best scale for a
+        decoder that knows only the mean; from sigma = 1 Adam would need thousands of steps."""
+        if self.config.recon_loss == "gaussian":
+            std = images_uint8[:10_000].float().div(255).std().clamp_min(1 / 256)
+            self.log_scale.fill_(std.log().item())
+
     def encode(self, x):
         h = self.encoder(x).flatten(1)
         return self.fc_mu(h), self.fc_logvar(h)
@@ -345,7 +353,9 @@ def train(model, train_images, test_images, settings, resume=None):
     shuffle_gen = torch.Generator().manual_seed(settings.seed)
     state = {"epoch": 0, "step": 0, "history": [], "partial": None,
              "noise_gen": torch.Generator(device).manual_seed(settings.seed + 1)}
-    if resume is not None:
+    if resume is None:
+        model.init_decoder_scale(train_images)
+    else:
         optimizer.load_state_dict(resume["optimizer"])
         state.update(epoch=resume["epoch"], step=resume["step"], history=list(resume["history"]),
                      partial=resume["partial"])
