@@ -250,8 +250,9 @@ def main(argv=None):
     except vae.StopRequested as stop:
         if not distributed.is_main():
             return 130
+        launcher = "torchrun <its flags>" if distributed.launched_world_size() > 1 else "python"
         print(f"VanVAE.py: stopped by {stop.signal_name}; saved {stop.checkpoint_path}. Resume with: "
-              f"python VanVAE.py --train --resume --dataset {args.dataset or 'mnist'} "
+              f"{launcher} VanVAE.py --train --resume --dataset {args.dataset or 'mnist'} "
               f"--checkpoint {stop.checkpoint_path}", file=sys.stderr)
         return 130
     except UserError as e:
