@@ -197,8 +197,9 @@ def train_in_process_group(args, device):
     check_writable(os.path.dirname(os.path.abspath(path)))
     out_dir = run_dir(args.output_dir, dataset)
     check_writable(out_dir)
-    train_images, _ = data.load_split(dataset, "train", args.data_dir, args.image_size)
-    test_images, _ = data.load_split(dataset, "test", args.data_dir, args.image_size)
+    train_images, test_images = distributed.first_on_each_machine(lambda: (
+        data.load_split(dataset, "train", args.data_dir, args.image_size)[0],
+        data.load_split(dataset, "test", args.data_dir, args.image_size)[0]))
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{dataset}: {train_images.shape[0]} train / {test_images.shape[0]} test images of "

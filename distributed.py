@@ -80,6 +80,23 @@ def from_main(value):
     return int(shared)
 
 
+def first_on_each_machine(work):
+    """work() on each machine's first process, then on the others, which find its files (a
+    downloaded dataset) instead of racing it to write them. If it fails there, every rank
+    raises, so none waits."""
+    first = launched_local_rank() == 0
+    result = error = None
+    if first:
+        try:
+            result = work()
+        except Exception as e:  # re-raised below, after the other ranks have heard
+            error = e
+    if any_rank(error is not None):
+        raise error if error is not None else UserError(
+            "the first process on a machine failed to load the data; see its message")
+    return result if first else work()
+
+
 def batch_rows(batch_size):
     """This rank's rows of a global batch: contiguous, equal slices in rank order."""
     world = world_size()
