@@ -42,7 +42,7 @@ def is_main():
 def process_group(device):
     """Join the torchrun job for the duration (NCCL on CUDA, gloo otherwise); alone, do nothing.
 
-    The group is destroyed however the block ends, so an error leaves no rank waiting on it."""
+    The group is destroyed however the block ends."""
     global _signal_group
     if launched_world_size() == 1:
         yield
@@ -50,11 +50,11 @@ def process_group(device):
     if device.type == "cuda":
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
-        _signal_group = dist.new_group(backend="gloo")
     else:
         dist.init_process_group("gloo")
-        _signal_group = None  # the default group is already gloo
     try:
+        # The default group is gloo already on CPUs.
+        _signal_group = dist.new_group(backend="gloo") if device.type == "cuda" else None
         yield
     finally:
         _signal_group = None
@@ -187,9 +187,10 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     parameters and buffers, so checkpoints are unchanged. Two passes (mean, then squared
     deviations) as single-process BatchNorm does, so no variance is lost to cancellation."""
 
-    def forward(self, x):
+    def forward(self, x_in):
         if not (self.training and world_size() > 1):
-            return super().forward(x)
+            return super().forward(x_in)
+        x = x_in.float()  # statistics in float32 even under autocast, as nn.BatchNorm2d keeps them
         dims = (0, 2, 3)
         count_local = torch.tensor([x.numel() // x.shape[1]], device=x.device, dtype=x.dtype)
         sum_and_count = _AllReduceSum.apply(torch.cat([x.sum(dims), count_local]))
@@ -204,7 +205,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             # The running variance is the unbiased estimate, as in nn.BatchNorm2d.
             self.running_var.mul_(1 - momentum).add_(momentum * var * count / (count - 1))
         y = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
-        return y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return (y * self.weight[None, :, None, None] + self.bias[None, :, None, None]).to(x_in.dtype)
 
 
 def convert_global_batchnorm(module):

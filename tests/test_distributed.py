@@ -3,7 +3,6 @@
 Real torchrun runs on 127.0.0.1 and two-process collectives started with torch.multiprocessing;
 every launch has a bounded timeout, so a hang fails the test instead of stalling CI."""
 
-import copy
 import os
 import shutil
 import signal
@@ -16,13 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-import torch.nn as nn
 
-import distributed
-import vae
+import twoprocess
 import VanVAE
 from fakedata import write_dataset
-from util import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 LR = 2e-4
@@ -154,7 +150,7 @@ def test_batch_that_does_not_split_over_the_processes_is_a_user_error(monkeypatc
 
 def spawn_two(worker, *args, timeout_s=120):
     """Run worker(rank, *args) in two processes joined in a gloo group; re-raise a failure."""
-    context = mp.start_processes(_join_group, args=(worker, free_port(), *args), nprocs=2,
+    context = mp.start_processes(twoprocess.join_group, args=(worker, free_port(), *args), nprocs=2,
                                  join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
     while not context.join(timeout=5):
@@ -164,79 +160,14 @@ def spawn_two(worker, *args, timeout_s=120):
             pytest.fail(f"two-process test did not finish within {timeout_s} s")
 
 
-def _join_group(rank, worker, port, *args):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    with distributed.process_group(torch.device("cpu")):
-        worker(rank, *args)
-
-
-def _batchnorm_worker(rank):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(8, 3, 5, 5, generator=g) * 3 + 2
-    upstream = torch.randn(8, 3, 5, 5, generator=g)
-    reference = nn.BatchNorm2d(3)
-    with torch.no_grad():
-        reference.weight.uniform_(0.5, 2, generator=g)
-        reference.bias.uniform_(-1, 1, generator=g)
-    synced = distributed.convert_global_batchnorm(nn.Sequential(copy.deepcopy(reference)))[0]
-    assert isinstance(synced, distributed.GlobalBatchNorm2d)
-    full_x = x.clone().requires_grad_()
-    full_y = reference(full_x)
-    (full_y * upstream).sum().backward()
-    rows = slice(4 * rank, 4 * rank + 4)
-    part_x = x[rows].clone().requires_grad_()
-    part_y = synced(part_x)
-    (part_y * upstream[rows]).sum().backward()
-    assert torch.allclose(part_y, full_y[rows], atol=1e-5)
-    assert torch.allclose(part_x.grad, full_x.grad[rows], atol=1e-5)
-    for name in ("weight", "bias"):
-        summed = distributed.all_reduce_sum(getattr(synced, name).grad)
-        assert torch.allclose(summed, getattr(reference, name).grad, atol=1e-4), name
-    for name in ("running_mean", "running_var", "num_batches_tracked"):
-        assert torch.allclose(getattr(synced, name), getattr(reference, name), atol=1e-6), name
-
-
 def test_batchnorm_statistics_cover_the_global_batch():
-    spawn_two(_batchnorm_worker)
-
-
-def _signal_on_one_rank_worker(rank, root):
-    images = torch.randint(0, 256, (48, 1, 28, 28), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(0))
-    torch.manual_seed(0)
-    model = vae.VanillaVAE(vae.VAEConfig("mnist", (1, 28, 28), latent_dim=4, hidden_dims=(8, 16)))
-    settings = vae.TrainSettings(n_epochs=1, batch_size=8, seed=0, checkpoint_path=f"{root}/ckpt.pt",
-                                 run_dir=f"{root}/runs", progress=False)
-    draw_noise, steps = model.draw_noise, []
-
-    def draw_noise_and_signal_rank_1_in_step_2(*args, **kwargs):
-        steps.append(len(steps))
-        if rank == 1 and len(steps) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return draw_noise(*args, **kwargs)
-
-    model.draw_noise = draw_noise_and_signal_rank_1_in_step_2
-    with pytest.raises(vae.StopRequested) as stop:
-        vae.train(model, images, images[:8], settings)
-    assert stop.value.signal_name == "SIGTERM" and len(steps) == 3  # both stopped after step 2
-    if rank == 0:
-        saved = load(f"{root}/ckpt.pt")
-        assert (saved["epoch"], saved["step"]) == (0, 3)
+    spawn_two(twoprocess.batchnorm_worker)
 
 
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
-    spawn_two(_signal_on_one_rank_worker, str(tmp_path))
+    spawn_two(twoprocess.signal_on_one_rank_worker, str(tmp_path))
     assert (tmp_path / "ckpt.pt").is_file()
 
 
-def _failed_write_worker(rank):
-    def write():
-        raise UserError("disk full")
-
-    with pytest.raises(UserError, match="disk full" if rank == 0 else "rank 0 failed"):
-        distributed.on_main(write)
-
-
 def test_a_failed_write_on_rank_zero_stops_every_rank():
-    spawn_two(_failed_write_worker)
+    spawn_two(twoprocess.failed_write_worker)
