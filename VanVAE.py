@@ -2,6 +2,7 @@
 
     python VanVAE.py --train --dataset fashionmnist
     python VanVAE.py --sample --checkpoint models/VanillaVAE/VanillaVAE_fashionmnist.pt
+    torchrun --nproc_per_node=4 VanVAE.py --train --dataset fashionmnist   (docs/DISTRIBUTED.md)
 """
 
 import argparse
@@ -10,6 +11,7 @@ import random
 import sys
 
 import data
+import distributed
 import vae
 from util import UserError, load_torch_file, seed_everything
 
@@ -60,7 +62,9 @@ def build_parser():
                       "prior of a trained model; needs only --checkpoint")
     p.add_argument("--dataset", choices=data.DATASETS, default=None,
                    help="dataset to train on (default: mnist)")
-    p.add_argument("--batch_size", type=positive_int, default=128, help="images per step (default: 128)")
+    p.add_argument("--batch_size", type=positive_int, default=128,
+                   help="images per step; under torchrun the global batch, split evenly over the "
+                        "processes, so it must be a multiple of their number (default: 128)")
     p.add_argument("--n_epochs", type=positive_int, default=100, help="epochs to train (default: 100)")
     p.add_argument("--lr", type=positive_float, default=2e-4, help="Adam learning rate (default: 0.0002)")
     p.add_argument("--latent_dim", type=positive_int, default=128, help="latent dimensions (default: 128)")
@@ -82,7 +86,8 @@ def build_parser():
                    help="random seed for weights, shuffling and sampling (default: none, meaning a "
                         "fresh one, printed and saved so the run can be repeated)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
-                   help="where to compute (default: auto, meaning cuda, then mps, then cpu)")
+                   help="where to compute (default: auto, meaning cuda, then mps, then cpu); under "
+                        "torchrun each process uses cuda:LOCAL_RANK, or the cpu")
     p.add_argument("--recon_loss", choices=vae.RECON_LOSSES, default="bernoulli",
                    help="decoder likelihood: bernoulli (BCE on [0,1] intensities), gaussian "
                         "(learned scale, dequantised 8-bit density) or mse (GenerativeZoo's per-pixel "
@@ -103,16 +108,27 @@ def build_parser():
 
 def pick_device(name):
     import torch
+    under_torchrun = distributed.launched_world_size() > 1
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available() and not under_torchrun:
             return torch.device("mps")
-        return torch.device("cpu")
+        else:
+            return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here (try --device cpu)")
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps: no Apple MPS device is available here (try --device cpu)")
+    if name == "mps" and under_torchrun:
+        raise UserError("--device mps cannot train under torchrun: neither gloo nor NCCL exchanges "
+                        "MPS tensors (use --device cpu, or one process)")
+    if name == "cuda" and under_torchrun:
+        local_rank, n_gpus = distributed.launched_local_rank(), torch.cuda.device_count()
+        if local_rank >= n_gpus:
+            raise UserError(f"torchrun started process {local_rank} on this machine, which has "
+                            f"{n_gpus} CUDA device(s): give --nproc_per_node at most {n_gpus}")
+        return torch.device("cuda", local_rank)  # one GPU per process
     return torch.device(name)
 
 
@@ -147,8 +163,17 @@ def load_checkpoint(path, dataset=None, image_shape=None):
 
 
 def run_train(args):
-    dataset = args.dataset or "mnist"
+    world = distributed.launched_world_size()
+    if args.batch_size % world:
+        raise UserError(f"--batch_size {args.batch_size} is the global batch and must split evenly "
+                        f"over the {world} processes torchrun started: use a multiple of {world}")
     device = pick_device(args.device)
+    with distributed.process_group(device), distributed.stdout_on_main_only():
+        train_in_process_group(args, device)
+
+
+def train_in_process_group(args, device):
+    dataset = args.dataset or "mnist"
     image_shape = data.image_shape(dataset, args.image_size)
     path = args.checkpoint or default_checkpoint(args.output_dir, dataset)
     resume = None
@@ -162,6 +187,7 @@ def run_train(args):
             raise UserError(f"{path} already exists: add --resume to continue it, --overwrite to "
                             "start over, or --checkpoint to save elsewhere")
         seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+        seed = distributed.from_main(seed)  # every process must shuffle and draw noise alike
         seed_everything(seed)
         config = vae.VAEConfig(dataset=dataset, image_shape=image_shape, latent_dim=args.latent_dim,
                                hidden_dims=tuple(args.hidden_dims or vae.DEFAULT_HIDDEN_DIMS),
@@ -171,8 +197,9 @@ def run_train(args):
     check_writable(os.path.dirname(os.path.abspath(path)))
     out_dir = run_dir(args.output_dir, dataset)
     check_writable(out_dir)
-    train_images, _ = data.load_split(dataset, "train", args.data_dir, args.image_size)
-    test_images, _ = data.load_split(dataset, "test", args.data_dir, args.image_size)
+    train_images, test_images = distributed.first_on_each_machine(lambda: (
+        data.load_split(dataset, "train", args.data_dir, args.image_size)[0],
+        data.load_split(dataset, "test", args.data_dir, args.image_size)[0]))
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{dataset}: {train_images.shape[0]} train / {test_images.shape[0]} test images of "
@@ -184,7 +211,7 @@ def run_train(args):
         n_epochs=args.n_epochs, batch_size=args.batch_size, lr=args.lr, kld_weight=args.kld_weight,
         sample_and_save_frequency=args.sample_and_save_frequency, num_samples=args.num_samples,
         seed=seed, checkpoint_path=path, run_dir=out_dir, args=flags,
-        progress=sys.stderr.isatty())
+        progress=sys.stderr.isatty() and distributed.is_main())
     if resume is not None:
         # The run continues with the hyper-parameters it started with; only its length,
         # the save frequency and the sample count may change.
@@ -197,6 +224,8 @@ def run_train(args):
 
 def run_sample(args):
     import torch
+    if distributed.launched_world_size() > 1:
+        raise UserError("--sample runs in one process: start it with python, not torchrun")
     dataset_path = args.checkpoint or default_checkpoint(args.output_dir, args.dataset or "mnist")
     _, model = load_checkpoint(dataset_path, args.dataset)
     device = pick_device(args.device)
@@ -220,12 +249,16 @@ def main(argv=None):
         else:
             run_sample(args)
     except vae.StopRequested as stop:
+        if not distributed.is_main():
+            return 130
+        launcher = "torchrun <its flags>" if distributed.launched_world_size() > 1 else "python"
         print(f"VanVAE.py: stopped by {stop.signal_name}; saved {stop.checkpoint_path}. Resume with: "
-              f"python VanVAE.py --train --resume --dataset {args.dataset or 'mnist'} "
+              f"{launcher} VanVAE.py --train --resume --dataset {args.dataset or 'mnist'} "
               f"--checkpoint {stop.checkpoint_path}", file=sys.stderr)
         return 130
     except UserError as e:
-        print(f"VanVAE.py: error: {e}", file=sys.stderr)
+        where = f" (rank {distributed.rank()})" if distributed.launched_world_size() > 1 else ""
+        print(f"VanVAE.py: error{where}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("VanVAE.py: interrupted before training started; nothing was saved", file=sys.stderr)

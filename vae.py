@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import distributed
 from util import UserError, atomic_torch_save, save_image_grid, write_csv
 
 FORMAT_VERSION = 1
@@ -119,8 +120,9 @@ class VanillaVAE(nn.Module):
         h = self.encoder(x).flatten(1)
         return self.fc_mu(h), self.fc_logvar(h)
 
-    def reparameterize(self, mu, logvar, generator=None):
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    def reparameterize(self, mu, logvar, generator=None, eps=None):
+        if eps is None:
+            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         return mu + eps * torch.exp(0.5 * logvar)
 
     def decode(self, z):
@@ -136,13 +138,14 @@ class VanillaVAE(nn.Module):
             return (torch.tanh(out) + 1) / 2
         return out.clamp(0, 1)
 
-    def model_input(self, x, generator=None):
+    def model_input(self, x, generator=None, u=None):
         """What the encoder sees and the decoder must explain, from images in [0, 1].
 
         The Gaussian decoder models uniformly dequantised 8-bit data (Theis et al. 2016), so
         its likelihood is a bound on the discrete data's probability."""
         if self.config.recon_loss == "gaussian":
-            u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            if u is None:
+                u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             return (x * 255 + u) / 256
         return x
 
@@ -158,15 +161,33 @@ class VanillaVAE(nn.Module):
         nll = 0.5 * ((x - out) / log_scale.exp()).pow(2) + log_scale + 0.5 * math.log(2 * math.pi)
         return nll.flatten(1).sum(1) + x[0].numel() * LOG_256
 
-    def loss(self, x, kld_weight=1.0, generator=None):
-        """Per-image reconstruction and KL terms and the batch-mean objective to minimise."""
-        x = self.model_input(x, generator)
+    def draw_noise(self, n, generator=None, device=None):
+        """The random numbers loss() would draw from `generator` for n images, in its order.
+
+        Processes that share one generator each draw a whole global batch's noise and take
+        their own rows, so N processes see exactly the noise one process would."""
+        c, h, w = self.config.image_shape
+        dequant = (torch.rand((n, c, h, w), generator=generator, device=device)
+                   if self.config.recon_loss == "gaussian" else None)
+        eps = torch.randn((n, self.config.latent_dim), generator=generator, device=device)
+        return {"dequant": dequant, "eps": eps}
+
+    def loss(self, x, kld_weight=1.0, generator=None, noise=None):
+        """Per-image reconstruction and KL terms and the batch-mean objective to minimise.
+
+        `noise`, rows of draw_noise(), replaces the draws from `generator`."""
+        noise = noise or {}
+        x = self.model_input(x, generator, noise.get("dequant"))
         mu, logvar = self.encode(x)
-        out = self.decode(self.reparameterize(mu, logvar, generator))
+        out = self.decode(self.reparameterize(mu, logvar, generator, noise.get("eps")))
         recon = self.recon_nll(out, x)
         # KL(N(mu, sigma^2) || N(0, I)) in closed form: Kingma and Welling 2014, appendix B.
         kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
         return {"loss": (recon + kld_weight * kl).mean(), "recon": recon, "kl": kl}
+
+    # DistributedDataParallel synchronises gradients only through forward(), so training
+    # calls the loss that way.
+    forward = loss
 
     @torch.no_grad()
     def reconstruct(self, x):
@@ -272,6 +293,12 @@ def evaluate(model, images, batch_size, kld_weight=1.0, seed=0):
     return {"recon": recon, "kl": kl, "loss": loss}
 
 
+def batch_noise(model, batch, rows, generator):
+    """This process's rows of the noise for a whole global batch of `batch` images."""
+    noise = model.draw_noise(batch, generator, generator.device)
+    return {name: values[rows] for name, values in noise.items() if values is not None}
+
+
 def to_float(images_uint8, device):
     return images_uint8.to(device, non_blocking=True).float().div_(255)
 
@@ -349,6 +376,7 @@ def train(model, train_images, test_images, settings, resume=None):
     `resume` is a loaded checkpoint dict to continue from (same weights, optimizer, random
     streams, history), so an interrupted run ends exactly where an uninterrupted one does."""
     device = next(model.parameters()).device
+    net = distributed.data_parallel(model, device)  # `model` itself in a single process
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
     shuffle_gen = torch.Generator().manual_seed(settings.seed)
     state = {"epoch": 0, "step": 0, "history": [], "partial": None,
@@ -366,17 +394,20 @@ def train(model, train_images, test_images, settings, resume=None):
                           generator=torch.Generator().manual_seed(settings.seed + 2)).to(device)
     n_batches = batches_per_epoch(train_images.shape[0], settings.batch_size)
     batch = min(settings.batch_size, train_images.shape[0])
+    rows = distributed.batch_rows(batch)  # this process's share of every global batch
     model.train()
 
     def save():
-        atomic_torch_save(make_checkpoint(model, optimizer, state, settings), settings.checkpoint_path)
+        distributed.on_main(lambda: atomic_torch_save(make_checkpoint(model, optimizer, state, settings),
+                                                      settings.checkpoint_path))
 
     with _SignalFlag() as stop:
         for epoch in range(state["epoch"] + 1, settings.n_epochs + 1):
             state["shuffle_at_epoch_start"] = shuffle_gen.get_state()
             order = torch.randperm(train_images.shape[0], generator=shuffle_gen)
             first_step, partial = state["step"], state["partial"]
-            sums = (partial["sums"].to(device) if partial is not None
+            # Saved sums cover all processes, so only rank 0 resumes with them.
+            sums = (partial["sums"].to(device) if partial is not None and distributed.is_main()
                     else torch.zeros(3, device=device, dtype=torch.float64))
             seconds_before = partial["seconds"] if partial is not None else 0.0
             start = time.perf_counter()
@@ -384,9 +415,9 @@ def train(model, train_images, test_images, settings, resume=None):
                        total=n_batches, initial=first_step, disable=not settings.progress,
                        leave=False, unit="batch")
             for step in bar:
-                idx = order[step * batch:(step + 1) * batch]
+                idx = order[step * batch:(step + 1) * batch][rows]
                 x = to_float(train_images[idx], device)
-                terms = model.loss(x, settings.kld_weight, state["noise_gen"])
+                terms = net(x, settings.kld_weight, noise=batch_noise(model, batch, rows, state["noise_gen"]))
                 optimizer.zero_grad(set_to_none=True)
                 terms["loss"].backward()
                 optimizer.step()
@@ -395,12 +426,14 @@ def train(model, train_images, test_images, settings, resume=None):
                 if step % 25 == 0 or step == n_batches - 1:
                     # The only host sync in the loop: a running loss for the bar, and an early
                     # stop before NaN weights could ever be saved.
-                    running = sums[2].item() / ((step + 1) * batch)
+                    running = distributed.all_reduce_sum(sums)[2].item() / ((step + 1) * batch)
                     if not math.isfinite(running):
                         raise NonFiniteLoss(f"the training loss became NaN or infinite in epoch "
                                             f"{epoch}; {settings.checkpoint_path} keeps the last good weights")
                     bar.set_postfix(loss=f"{running:.4g}")
-                if stop.name is not None and step < n_batches - 1:
+                stop_name = distributed.agreed_signal(stop.name)  # all processes stop at one step
+                if stop_name is not None and step < n_batches - 1:
+                    sums = distributed.all_reduce_sum(sums)
                     if not torch.isfinite(sums).all():
                         raise NonFiniteLoss(f"the training loss became NaN or infinite in epoch "
                                             f"{epoch}; {settings.checkpoint_path} keeps the last good weights")
@@ -408,8 +441,9 @@ def train(model, train_images, test_images, settings, resume=None):
                                  partial={"sums": sums.cpu(),
                                           "seconds": seconds_before + time.perf_counter() - start})
                     save()
-                    raise StopRequested(stop.name, settings.checkpoint_path)
+                    raise StopRequested(stop_name, settings.checkpoint_path)
             bar.close()
+            sums = distributed.all_reduce_sum(sums)
             if not torch.isfinite(sums).all():
                 raise NonFiniteLoss(f"the training loss became NaN or infinite in epoch {epoch}; "
                                     f"{settings.checkpoint_path} keeps the last good weights")
@@ -426,14 +460,17 @@ def train(model, train_images, test_images, settings, resume=None):
                   f"  test {describe(model.config, test_terms, settings.kld_weight)}"
                   f"  {seconds:.1f} s, {n_seen / seconds:.0f} images/s", flush=True)
             last = epoch == settings.n_epochs
-            if epoch % settings.sample_and_save_frequency == 0 or last or stop.name is not None:
+            stop_name = distributed.agreed_signal(stop.name)
+            if epoch % settings.sample_and_save_frequency == 0 or last or stop_name is not None:
                 state["shuffle_at_epoch_start"] = shuffle_gen.get_state()
                 save()
-                paths = save_outputs(model, epoch, settings, test_images, fixed_z, state["history"])
-                print(f"saved {settings.checkpoint_path}, {paths['samples']}, {paths['reconstructions']}",
-                      flush=True)
-            if stop.name is not None:
-                raise StopRequested(stop.name, settings.checkpoint_path)
+                paths = distributed.on_main(
+                    lambda: save_outputs(model, epoch, settings, test_images, fixed_z, state["history"]))
+                if distributed.is_main():
+                    print(f"saved {settings.checkpoint_path}, {paths['samples']}, {paths['reconstructions']}",
+                          flush=True)
+            if stop_name is not None:
+                raise StopRequested(stop_name, settings.checkpoint_path)
     return state["history"]
 
 
