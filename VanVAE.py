@@ -94,6 +94,19 @@ def build_parser():
                    help="MedMNIST image size: 28, 64, 128 or 224 (default: none, meaning the "
                         "dataset's native size: 28 for MNIST, Fashion-MNIST and MedMNIST, 32 for "
                         "CIFAR-10 and SVHN)")
+    p.add_argument("--precision", choices=vae.PRECISIONS, default=vae.TrainSettings.precision,
+                   help="autocast dtype of convolutions and matrix products while training: bf16 "
+                        "(CPUs with AVX512-BF16/AMX, CUDA), fp16 (CUDA only, with loss scaling); "
+                        "weights, loss and Adam stay fp32 (default: %(default)s; see docs/BENCHMARKS.md)")
+    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction,
+                   default=vae.TrainSettings.channels_last,
+                   help="NHWC memory layout, faster with oneDNN and cuDNN (default: %(default)s)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=vae.TrainSettings.compile,
+                   help="torch.compile the encoder and decoder; pays back only on long runs "
+                        "(default: %(default)s)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads for PyTorch (default: none, meaning one per CPU this process "
+                        "may run on)")
     p.add_argument("--resume", action="store_true",
                    help="with --train: continue from --checkpoint (or the default one) where it stopped")
     p.add_argument("--overwrite", action="store_true",
@@ -114,6 +127,14 @@ def pick_device(name):
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps: no Apple MPS device is available here (try --device cpu)")
     return torch.device(name)
+
+
+def set_threads(threads):
+    """One intra-op thread per usable CPU: more oversubscribes the cores, fewer leaves them idle."""
+    import torch
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(threads or usable or 1)
+    return torch.get_num_threads()
 
 
 def default_checkpoint(output_dir, dataset):
@@ -149,6 +170,8 @@ def load_checkpoint(path, dataset=None, image_shape=None):
 def run_train(args):
     dataset = args.dataset or "mnist"
     device = pick_device(args.device)
+    vae.check_precision(args.precision, device)
+    threads = set_threads(args.threads)
     image_shape = data.image_shape(dataset, args.image_size)
     path = args.checkpoint or default_checkpoint(args.output_dir, dataset)
     resume = None
@@ -176,7 +199,8 @@ def run_train(args):
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{dataset}: {train_images.shape[0]} train / {test_images.shape[0]} test images of "
-          f"{tuple(train_images.shape[1:])}; {n_params / 1e6:.2f} M parameters; {device}; seed {seed}",
+          f"{tuple(train_images.shape[1:])}; {n_params / 1e6:.2f} M parameters; {device}"
+          f"{f' ({threads} threads)' if device.type == 'cpu' else ''}, {args.precision}; seed {seed}",
           flush=True)
     flags = {k: v for k, v in vars(args).items()}
     flags.update(dataset=dataset, seed=seed, checkpoint=path)
@@ -184,7 +208,8 @@ def run_train(args):
         n_epochs=args.n_epochs, batch_size=args.batch_size, lr=args.lr, kld_weight=args.kld_weight,
         sample_and_save_frequency=args.sample_and_save_frequency, num_samples=args.num_samples,
         seed=seed, checkpoint_path=path, run_dir=out_dir, args=flags,
-        progress=sys.stderr.isatty())
+        progress=sys.stderr.isatty(), precision=args.precision, channels_last=args.channels_last,
+        compile=args.compile)
     if resume is not None:
         # The run continues with the hyper-parameters it started with; only its length,
         # the save frequency and the sample count may change.
