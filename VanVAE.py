@@ -96,8 +96,9 @@ def build_parser():
                         "CIFAR-10 and SVHN)")
     p.add_argument("--precision", choices=vae.PRECISIONS, default=vae.TrainSettings.precision,
                    help="autocast dtype of convolutions and matrix products while training: bf16 "
-                        "(CPUs with AVX512-BF16/AMX, CUDA), fp16 (CUDA only, with loss scaling); "
-                        "weights, loss and Adam stay fp32 (default: %(default)s; see docs/BENCHMARKS.md)")
+                        "(CPUs with AVX512-BF16/AMX, CUDA), fp16 (CUDA only, with loss scaling), "
+                        "fp32; weights, loss and Adam stay fp32 (default: auto, meaning bf16 where "
+                        "the hardware has it natively, else fp32; see docs/BENCHMARKS.md)")
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction,
                    default=vae.TrainSettings.channels_last,
                    help="NHWC memory layout, faster with oneDNN and cuDNN (default: %(default)s)")
@@ -200,7 +201,8 @@ def run_train(args):
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{dataset}: {train_images.shape[0]} train / {test_images.shape[0]} test images of "
           f"{tuple(train_images.shape[1:])}; {n_params / 1e6:.2f} M parameters; {device}"
-          f"{f' ({threads} threads)' if device.type == 'cpu' else ''}, {args.precision}; seed {seed}",
+          f"{f' ({threads} threads)' if device.type == 'cpu' else ''}, "
+          f"{vae.resolve_precision(args.precision, device)}; seed {seed}",
           flush=True)
     flags = {k: v for k, v in vars(args).items()}
     flags.update(dataset=dataset, seed=seed, checkpoint=path)
