@@ -109,6 +109,10 @@ def deconv_block(c_in, c_out, output_padding):
                          nn.BatchNorm2d(c_out), nn.LeakyReLU())
 
 
+def at_least_fp32(t):
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 class VanillaVAE(nn.Module):
     """Convolutional encoder to a diagonal Gaussian q(z|x); a mirrored decoder back to the
     input's exact shape, whatever its size, so no image is ever resized."""
@@ -190,8 +194,8 @@ class VanillaVAE(nn.Module):
         x = self.model_input(x, generator)
         # Under bf16/fp16 autocast the layers return half floats; the noise, the likelihood and
         # the KL are summed in fp32 (784 bf16 terms would lose ~0.4%), a no-op without autocast.
-        mu, logvar = (t.float() for t in self.encode(x))
-        out = self.decode(self.reparameterize(mu, logvar, generator)).float()
+        mu, logvar = (at_least_fp32(t) for t in self.encode(x))
+        out = at_least_fp32(self.decode(self.reparameterize(mu, logvar, generator)))
         recon = self.recon_nll(out, x)
         # KL(N(mu, sigma^2) || N(0, I)) in closed form: Kingma and Welling 2014, appendix B.
         kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
