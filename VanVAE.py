@@ -99,6 +99,20 @@ def build_parser():
                    help="MedMNIST image size: 28, 64, 128 or 224 (default: none, meaning the "
                         "dataset's native size: 28 for MNIST, Fashion-MNIST and MedMNIST, 32 for "
                         "CIFAR-10 and SVHN)")
+    p.add_argument("--precision", choices=vae.PRECISIONS, default=vae.TrainSettings.precision,
+                   help="autocast dtype of convolutions and matrix products while training: bf16 "
+                        "(CPUs with AVX512-BF16/AMX, CUDA), fp16 (CUDA only, with loss scaling), "
+                        "fp32; weights, loss and Adam stay fp32 (default: auto, meaning bf16 where "
+                        "the hardware has it natively, else fp32; see docs/BENCHMARKS.md)")
+    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction,
+                   default=vae.TrainSettings.channels_last,
+                   help="NHWC memory layout, faster with oneDNN and cuDNN (default: %(default)s)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=vae.TrainSettings.compile,
+                   help="torch.compile the encoder and decoder; pays back only on long runs "
+                        "(default: %(default)s)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads for PyTorch (default: none, meaning one per CPU this process "
+                        "may run on)")
     p.add_argument("--resume", action="store_true",
                    help="with --train: continue from --checkpoint (or the default one) where it stopped")
     p.add_argument("--overwrite", action="store_true",
@@ -130,6 +144,16 @@ def pick_device(name):
                             f"{n_gpus} CUDA device(s): give --nproc_per_node at most {n_gpus}")
         return torch.device("cuda", local_rank)  # one GPU per process
     return torch.device(name)
+
+
+def set_threads(threads):
+    """One intra-op thread per usable CPU: more oversubscribes the cores, fewer leaves them idle."""
+    import torch
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    # Processes that torchrun starts on one machine share its CPUs.
+    usable = (usable or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(threads or max(1, usable))
+    return torch.get_num_threads()
 
 
 def default_checkpoint(output_dir, dataset):
@@ -168,12 +192,14 @@ def run_train(args):
         raise UserError(f"--batch_size {args.batch_size} is the global batch and must split evenly "
                         f"over the {world} processes torchrun started: use a multiple of {world}")
     device = pick_device(args.device)
+    vae.check_precision(args.precision, device)
     with distributed.process_group(device), distributed.stdout_on_main_only():
         train_in_process_group(args, device)
 
 
 def train_in_process_group(args, device):
     dataset = args.dataset or "mnist"
+    threads = set_threads(args.threads)
     image_shape = data.image_shape(dataset, args.image_size)
     path = args.checkpoint or default_checkpoint(args.output_dir, dataset)
     resume = None
@@ -203,7 +229,9 @@ def train_in_process_group(args, device):
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{dataset}: {train_images.shape[0]} train / {test_images.shape[0]} test images of "
-          f"{tuple(train_images.shape[1:])}; {n_params / 1e6:.2f} M parameters; {device}; seed {seed}",
+          f"{tuple(train_images.shape[1:])}; {n_params / 1e6:.2f} M parameters; {device}"
+          f"{f' ({threads} threads)' if device.type == 'cpu' else ''}, "
+          f"{vae.resolve_precision(args.precision, device)}; seed {seed}",
           flush=True)
     flags = {k: v for k, v in vars(args).items()}
     flags.update(dataset=dataset, seed=seed, checkpoint=path)
@@ -211,7 +239,8 @@ def train_in_process_group(args, device):
         n_epochs=args.n_epochs, batch_size=args.batch_size, lr=args.lr, kld_weight=args.kld_weight,
         sample_and_save_frequency=args.sample_and_save_frequency, num_samples=args.num_samples,
         seed=seed, checkpoint_path=path, run_dir=out_dir, args=flags,
-        progress=sys.stderr.isatty() and distributed.is_main())
+        progress=sys.stderr.isatty() and distributed.is_main(), precision=args.precision,
+        channels_last=args.channels_last, compile=args.compile)
     if resume is not None:
         # The run continues with the hyper-parameters it started with; only its length,
         # the save frequency and the sample count may change.

@@ -1,6 +1,7 @@
 """The Vanilla VAE (Kingma and Welling 2014): model, loss, and the routines that train and
 sample it. Tensors in, tensors out: this file never reads datasets from disk."""
 
+import contextlib
 import math
 import signal
 import time
@@ -64,15 +65,55 @@ def check_config(config):
                         f"(at most {max_layers} stride-2 layers fit)")
 
 
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same weights, same state_dict) that computes a one-pixel output as one matrix
+    product over the kernel taps that land on the input: at the bottleneck (a 2x2 input, stride 2,
+    padding 1) 5 of the 9 taps only ever see zero padding, and a GEMM beats the conv kernel there."""
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        (ph, pw), (kh, kw), (sh, sw) = self.padding, self.kernel_size, self.stride
+        one_pixel = (h + 2 * ph - kh) // sh == 0 and (w + 2 * pw - kw) // sw == 0
+        if not (one_pixel and ph + h <= kh and pw + w <= kw and self.groups == 1
+                and self.dilation == (1, 1) and self.padding_mode == "zeros"):
+            return super().forward(x)
+        weight = self.weight[:, :, ph:ph + h, pw:pw + w]
+        return F.linear(x.flatten(1), weight.flatten(1), self.bias)[:, :, None, None]
+
+
+class ConvTranspose2d(nn.ConvTranspose2d):
+    """nn.ConvTranspose2d (same weights, same state_dict) that expands a one-pixel input as one
+    matrix product: output pixel o gets exactly kernel tap o + padding, so no tap is wasted."""
+
+    def forward(self, x, output_size=None):
+        (ph, pw), (kh, kw) = self.padding, self.kernel_size
+        (oph, opw) = self.output_padding
+        out_h, out_w = kh - 2 * ph + oph, kw - 2 * pw + opw
+        if not (x.shape[-2:] == (1, 1) and output_size is None and self.groups == 1
+                and self.dilation == (1, 1) and ph + out_h <= kh and pw + out_w <= kw):
+            return super().forward(x, output_size)
+        weight = self.weight[:, :, ph:ph + out_h, pw:pw + out_w].flatten(1)
+        out = (x.flatten(1) @ weight.to(x.dtype)).view(x.shape[0], self.out_channels, out_h, out_w)
+        if self.weight.is_contiguous(memory_format=torch.channels_last):
+            out = out.contiguous(memory_format=torch.channels_last)  # what the next layers expect
+        return out if self.bias is None else out + self.bias.to(out.dtype)[:, None, None]
+
+
+# No bias before BatchNorm: it subtracts the batch mean, so such a bias has no true gradient and
+# Adam would only turn rounding noise into drift (which also made processes disagree).
 def conv_block(c_in, c_out):
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=2, padding=1),
+    return nn.Sequential(Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
                          nn.BatchNorm2d(c_out), nn.LeakyReLU())
 
 
 def deconv_block(c_in, c_out, output_padding):
-    return nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1,
-                                            output_padding=output_padding),
+    return nn.Sequential(ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1,
+                                         output_padding=output_padding, bias=False),
                          nn.BatchNorm2d(c_out), nn.LeakyReLU())
+
+
+def at_least_fp32(t):
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
 class VanillaVAE(nn.Module):
@@ -178,8 +219,10 @@ class VanillaVAE(nn.Module):
         `noise`, rows of draw_noise(), replaces the draws from `generator`."""
         noise = noise or {}
         x = self.model_input(x, generator, noise.get("dequant"))
-        mu, logvar = self.encode(x)
-        out = self.decode(self.reparameterize(mu, logvar, generator, noise.get("eps")))
+        # Under bf16/fp16 autocast the layers return half floats; the noise, the likelihood and
+        # the KL are summed in fp32 (784 bf16 terms would lose ~0.4%), a no-op without autocast.
+        mu, logvar = (at_least_fp32(t) for t in self.encode(x))
+        out = at_least_fp32(self.decode(self.reparameterize(mu, logvar, generator, noise.get("eps"))))
         recon = self.recon_nll(out, x)
         # KL(N(mu, sigma^2) || N(0, I)) in closed form: Kingma and Welling 2014, appendix B.
         kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
@@ -241,6 +284,9 @@ class TrainSettings:
     run_dir: str = "runs/VanillaVAE_mnist"
     args: dict = field(default_factory=dict)  # the flags, saved in the checkpoint
     progress: bool = True
+    precision: str = "auto"  # autocast dtype for convolutions and matrix products: PRECISIONS
+    channels_last: bool = True  # NHWC activations and weights (oneDNN's preferred layout)
+    compile: bool = False  # torch.compile the encoder and decoder
 
 
 class StopRequested(Exception):
@@ -301,6 +347,102 @@ def batch_noise(model, batch, rows, generator):
 
 def to_float(images_uint8, device):
     return images_uint8.to(device, non_blocking=True).float().div_(255)
+
+
+# ---------------------------------------------------------------- speed (measured in bench.py)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def cpu_has_native_bf16():
+    """AVX512-BF16 or AMX: bf16 arithmetic in hardware, not emulated by conversions."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported",
+                                                          "_is_amx_tile_supported")]
+    return any(check is not None and check() for check in checks)
+
+
+def resolve_precision(precision, device):
+    """'auto' is bf16 where the hardware computes it natively, else fp32: bf16 reaches the same
+    test -ELBO as fp32 within seed-to-seed noise (docs/BENCHMARKS.md)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+
+
+def check_precision(precision, device):
+    """Raise UserError for an autocast dtype this device cannot train in."""
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError("--precision fp16 needs a CUDA device (on a CPU use bf16 or fp32)")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("--precision bf16: this CUDA device has no bf16 support (use fp16)")
+
+
+def autocast(device, precision):
+    """bf16/fp16 convolutions and matrix products; weights, BatchNorm statistics, the loss and
+    Adam stay fp32 (mixed precision, Micikevicius et al. 2018)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def make_optimizer(model, lr):
+    """Adam; the fused kernel updates every parameter in one pass instead of a dozen."""
+    try:
+        return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+    except RuntimeError:  # a device without the fused kernel
+        return torch.optim.Adam(model.parameters(), lr=lr)
+
+
+def prepare_for_training(model, settings, device):
+    """Memory layout, compilation and loss scaling; returns the fp16 GradScaler or None.
+    settings.precision 'auto' becomes the dtype it stands for here."""
+    check_precision(settings.precision, device)
+    settings.precision = resolve_precision(settings.precision, device)
+    if settings.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if settings.compile:
+        # In place, so the state_dict keys (and the checkpoints) stay those of the eager model.
+        for part in (model.encoder, model.decoder, model.final_layer):
+            part.compile()
+    return torch.amp.GradScaler("cuda") if settings.precision == "fp16" else None
+
+
+def images_on_device(images, device):
+    """The whole uint8 set on the GPU when it fits (no copy per step); else pinned host memory,
+    so each batch's copy is asynchronous. On a CPU, the tensor as it is."""
+    if device.type != "cuda":
+        return images
+    try:
+        return images.to(device)
+    except torch.cuda.OutOfMemoryError:
+        return images.pin_memory()
+
+
+def next_batch(images, idx, device, channels_last):
+    x = to_float(images[idx.to(images.device)], device)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def train_step(net, optimizer, x, kld_weight, generator, precision="fp32", scaler=None, noise=None):
+    """One Adam step on a float batch; the loss terms stay on the device (no host sync).
+
+    `net` is the model or its DistributedDataParallel wrapper (whose forward is loss)."""
+    with autocast(x.device, precision):
+        terms = net(x, kld_weight, generator, noise)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        terms["loss"].backward()
+        optimizer.step()
+    else:
+        scaler.scale(terms["loss"]).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return terms
 
 
 def batches_per_epoch(n_images, batch_size):
@@ -376,8 +518,11 @@ def train(model, train_images, test_images, settings, resume=None):
     `resume` is a loaded checkpoint dict to continue from (same weights, optimizer, random
     streams, history), so an interrupted run ends exactly where an uninterrupted one does."""
     device = next(model.parameters()).device
+    scaler = prepare_for_training(model, settings, device)
+    # Before the optimizer: on CPUs it swaps BatchNorm for a synchronised one with new parameters.
     net = distributed.data_parallel(model, device)  # `model` itself in a single process
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    optimizer = make_optimizer(model, settings.lr)
+    train_images, test_images = images_on_device(train_images, device), images_on_device(test_images, device)
     shuffle_gen = torch.Generator().manual_seed(settings.seed)
     state = {"epoch": 0, "step": 0, "history": [], "partial": None,
              "noise_gen": torch.Generator(device).manual_seed(settings.seed + 1)}
@@ -416,11 +561,9 @@ def train(model, train_images, test_images, settings, resume=None):
                        leave=False, unit="batch")
             for step in bar:
                 idx = order[step * batch:(step + 1) * batch][rows]
-                x = to_float(train_images[idx], device)
-                terms = net(x, settings.kld_weight, noise=batch_noise(model, batch, rows, state["noise_gen"]))
-                optimizer.zero_grad(set_to_none=True)
-                terms["loss"].backward()
-                optimizer.step()
+                x = next_batch(train_images, idx, device, settings.channels_last)
+                terms = train_step(net, optimizer, x, settings.kld_weight, None, settings.precision,
+                                   scaler, noise=batch_noise(model, batch, rows, state["noise_gen"]))
                 sums += torch.stack([terms["recon"].sum(), terms["kl"].sum(),
                                      terms["loss"] * x.shape[0]]).detach().double()
                 if step % 25 == 0 or step == n_batches - 1:

@@ -1,0 +1,399 @@
+"""How fast VanVAE trains, samples and evaluates, next to GenerativeZoo's pipeline, in one table.
+
+    python bench.py --data_dir /work/data     # real Fashion-MNIST where installed; a few minutes
+    python bench.py --quick                   # a few steps: checks the script, not the speed
+
+(a) is VanVAE's own pipeline: uint8 images at native size in memory, vae.next_batch and
+vae.train_step (the training loop's own code), with TrainSettings' defaults for precision and
+memory layout. (b) is GenerativeZoo's, rebuilt: a torchvision dataset with per-image Resize(32),
+ToTensor and Normalize(0.5, 0.5), a DataLoader with num_workers 0, the same network at 32 px with
+its MSE loss, plain Adam and a .item() every step. Each (pipeline, images, repeat) runs in its
+own process, so peak memory is its own; (a) and (b) alternate, and the table gives medians.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision import datasets, transforms
+
+import data
+import vae
+from util import UserError
+
+IMAGE_SETS = {"grey28": "28 px grey (Fashion-MNIST)", "colour32": "32 px colour"}
+GENERATIVEZOO_KLD_WEIGHT = 1e-4
+COLUMNS = ("device", "images", "pipeline", "precision", "train images/s", "train images/CPU-s",
+           "sample images/s",
+           "eval images/s", "peak RSS MiB", "train MFLOP/image", "train GFLOP/s", "% of matmul peak")
+
+
+# ---------------------------------------------------------------- data for both pipelines
+
+class PILImages(Dataset):
+    """uint8 (N, C, H, W) images handed out one PIL image at a time, as torchvision's
+    FashionMNIST and CIFAR10 do, for when the real files are not installed."""
+
+    def __init__(self, images, transform):
+        self.images, self.transform = images.permute(0, 2, 3, 1).numpy(), transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        image = self.images[i]
+        image = Image.fromarray(image[..., 0], mode="L") if image.shape[-1] == 1 else Image.fromarray(image)
+        return self.transform(image), 0
+
+
+def generated_images(n, shape, seed):
+    return torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def uint8_splits(image_set, data_dir, n_train, n_test):
+    """(train, test, source) uint8 tensors at native size: Fashion-MNIST if installed."""
+    if image_set == "grey28" and data_dir is not None:
+        try:
+            train = data.load_split("fashionmnist", "train", data_dir, download=False)[0]
+            test = data.load_split("fashionmnist", "test", data_dir, download=False)[0]
+            return train[:n_train], test[:n_test], "real"
+        except UserError:
+            shape = (1, 28, 28)
+    else:
+        shape = (3, 32, 32)
+    return generated_images(n_train, shape, 0), generated_images(n_test, shape, 1), "generated"
+
+
+def generativezoo_datasets(image_set, data_dir, train_u8, test_u8, source):
+    """GenerativeZoo's transforms on the same images: torchvision's own dataset where real."""
+    channels = 1 if image_set == "grey28" else 3
+    transform = transforms.Compose([transforms.Resize(32), transforms.ToTensor(),
+                                    transforms.Normalize((0.5,) * channels, (0.5,) * channels)])
+    if source == "real":
+        return (datasets.FashionMNIST(data_dir, train=True, transform=transform, download=False),
+                datasets.FashionMNIST(data_dir, train=False, transform=transform, download=False))
+    return PILImages(train_u8, transform), PILImages(test_u8, transform)
+
+
+# ---------------------------------------------------------------- the two pipelines
+
+def plain_torch_layers(model):
+    """GenerativeZoo's network uses stock nn.Conv2d/ConvTranspose2d: undo VanVAE's GEMM bottleneck."""
+    for module in model.modules():
+        if isinstance(module, vae.Conv2d):
+            module.__class__ = nn.Conv2d
+        elif isinstance(module, vae.ConvTranspose2d):
+            module.__class__ = nn.ConvTranspose2d
+    return model
+
+
+class VanVAEPipeline:
+    """(a): the training loop's own batch and step functions on native-size uint8 tensors."""
+
+    def __init__(self, train_u8, test_u8, batch_size, device, settings):
+        shape = tuple(train_u8.shape[1:])
+        self.model = vae.VanillaVAE(vae.VAEConfig("bench", shape)).to(device)
+        self.settings, self.device, self.batch_size = settings, device, batch_size
+        self.optimizer = vae.make_optimizer(self.model, settings.lr)
+        self.scaler = vae.prepare_for_training(self.model, settings, device)
+        self.train_u8 = vae.images_on_device(train_u8, device)
+        self.test_u8 = vae.images_on_device(test_u8, device)
+        self.noise = torch.Generator(device).manual_seed(1)
+        self.order = torch.randperm(train_u8.shape[0])
+        self.step_index = 0
+        self.sums = torch.zeros(3, device=device, dtype=torch.float64)
+
+    def train_steps(self, n):
+        n_batches = self.train_u8.shape[0] // self.batch_size
+        for _ in range(n):
+            i = self.step_index % n_batches
+            self.step_index += 1
+            idx = self.order[i * self.batch_size:(i + 1) * self.batch_size]
+            x = vae.next_batch(self.train_u8, idx, self.device, self.settings.channels_last)
+            terms = vae.train_step(self.model, self.optimizer, x, self.settings.kld_weight,
+                                   self.noise, self.settings.precision, self.scaler)
+            self.sums += torch.stack([terms["recon"].sum(), terms["kl"].sum(),
+                                      terms["loss"] * x.shape[0]]).detach().double()
+            if self.step_index % 25 == 0:
+                self.sums[2].item()  # the loop's one host sync per 25 steps
+        self.sums[2].item()
+
+    def sample(self, n):
+        self.model.eval()
+        self.model.sample(n, torch.Generator(self.device).manual_seed(2), self.device)
+        self.model.train()
+
+    def evaluate(self):
+        vae.evaluate(self.model, self.test_u8, self.batch_size, self.settings.kld_weight)
+        return self.test_u8.shape[0]
+
+
+class GenerativeZooPipeline:
+    """(b): GenerativeZoo's VanillaVAE training loop, per its train_model and eval_model."""
+
+    def __init__(self, train_set, test_set, channels, batch_size, device, lr):
+        config = vae.VAEConfig("bench", (channels, 32, 32), recon_loss="mse")
+        self.model = plain_torch_layers(vae.VanillaVAE(config)).to(device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
+        self.device, self.batch_size, self.test_set = device, batch_size, test_set
+        self.loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=0)
+        self.batches = iter(self.loader)
+
+    def forward_loss(self, x):
+        mu, logvar = self.model.encode(x)
+        recon_x = torch.tanh(self.model.decode(self.model.reparameterize(mu, logvar)))
+        kld = torch.mean(-0.5 * torch.sum(1 + logvar - mu ** 2 - logvar.exp(), dim=1), dim=0)
+        return F.mse_loss(recon_x, x) + kld * GENERATIVEZOO_KLD_WEIGHT
+
+    def next_images(self):
+        try:
+            return next(self.batches)[0]
+        except StopIteration:
+            self.batches = iter(self.loader)
+            return next(self.batches)[0]
+
+    def train_steps(self, n):
+        running_loss = 0.0
+        for _ in range(n):
+            x = self.next_images().to(self.device)
+            loss = self.forward_loss(x)
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+            running_loss += loss.item()
+
+    def sample(self, n):
+        self.model.eval()
+        with torch.no_grad():
+            torch.tanh(self.model.decode(torch.randn(n, self.model.config.latent_dim, device=self.device)))
+        self.model.train()
+
+    def evaluate(self):
+        self.model.eval()
+        with torch.no_grad():
+            for x, _ in DataLoader(self.test_set, batch_size=self.batch_size):
+                self.forward_loss(x.to(self.device)).item()
+        self.model.train()
+        return len(self.test_set)
+
+
+# ---------------------------------------------------------------- measuring one pipeline
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def images_per_second(work, n_images, device):
+    """Images per wall-clock second, and per CPU-second of this process (all its threads): on a
+    shared machine the second is the steadier, as time waiting for a core is not counted."""
+    synchronize(device)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    work()
+    synchronize(device)
+    return n_images / (time.perf_counter() - start), n_images / (time.process_time() - start_cpu)
+
+
+def train_flops_per_image(pipeline, batch_size):
+    """Floating-point operations of one training step (forward, backward), per image.
+
+    FlopCounterMode counts convolutions and matrix products (2 per multiply-add), which are
+    nearly all of this network's arithmetic; elementwise ops and Adam are not counted."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        pipeline.train_steps(1)
+    return counter.get_total_flops() / batch_size
+
+
+def measure(job):
+    """Run one (pipeline, image set) measurement; returns a dict of figures."""
+    torch.set_num_threads(job["threads"])
+    device = torch.device(job["device"])
+    batch_size, steps = job["batch_size"], job["steps"]
+    n_train = max(batch_size * (steps + job["warmup"] + 2), job["n_test"])
+    train_u8, test_u8, source = uint8_splits(job["image_set"], job["data_dir"], n_train, job["n_test"])
+    if job["pipeline"] == "a":
+        settings = vae.TrainSettings(batch_size=batch_size, **job["settings"])
+        pipeline = VanVAEPipeline(train_u8, test_u8, batch_size, device, settings)
+        precision = settings.precision  # 'auto' resolved by vae.prepare_for_training
+    else:
+        train_set, test_set = generativezoo_datasets(job["image_set"], job["data_dir"], train_u8,
+                                                     test_u8, source)
+        if source == "real":
+            test_set = torch.utils.data.Subset(test_set, range(job["n_test"]))
+        pipeline = GenerativeZooPipeline(train_set, test_set, train_u8.shape[1], batch_size, device,
+                                         vae.TrainSettings.lr)
+        precision = "fp32"
+    pipeline.train_steps(job["warmup"])
+    train_rate, train_cpu_rate = images_per_second(lambda: pipeline.train_steps(steps),
+                                                   steps * batch_size, device)
+    sample_rate, _ = images_per_second(lambda: pipeline.sample(job["n_sample"]), job["n_sample"], device)
+    pipeline.evaluate()  # warm-up: first eval-mode calls pick their kernels
+    eval_rate, _ = images_per_second(pipeline.evaluate, job["n_test"], device)
+    flops = train_flops_per_image(pipeline, batch_size)
+    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        peak_rss_mib = max(peak_rss_mib, torch.cuda.max_memory_allocated() / 2**20)
+    return {"source": source, "precision": precision, "train": train_rate,
+            "train_cpu": train_cpu_rate, "sample": sample_rate,
+            "eval": eval_rate, "rss_mib": peak_rss_mib, "flops_per_image": flops}
+
+
+# ---------------------------------------------------------------- the machine's matmul peak
+
+def matmul_peak_flops(device, dtype, size, repeats):
+    """Best observed rate of a large square matrix product, the ceiling for convs and GEMMs:
+    (FLOP per wall second, FLOP per CPU-second)."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    torch.mm(a, b)
+    best, best_cpu = 0.0, 0.0
+    for _ in range(repeats):
+        rate, cpu_rate = images_per_second(lambda: torch.mm(a, b), 1, device)
+        best, best_cpu = max(best, rate * 2 * size ** 3), max(best_cpu, cpu_rate * 2 * size ** 3)
+    return best, best_cpu
+
+
+def machine_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"
+
+
+# ---------------------------------------------------------------- the table
+
+def run_job(job):
+    """One measurement in a fresh process, so each has its own peak memory."""
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), "--job", json.dumps(job)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"bench.py: a measurement failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def row(device, image_set, pipeline, results, peaks):
+    med = {k: statistics.median(r[k] for r in results)
+           for k in ("train", "train_cpu", "sample", "eval", "rss_mib")}
+    first = results[0]
+    gflops = first["flops_per_image"] * med["train"] / 1e9
+    # Per CPU-second on both sides (per wall second on a GPU), so a busy machine cancels out.
+    key = "train" if device == "cuda" else "train_cpu"
+    _, peak_cpu = peaks.get(first["precision"], peaks["fp32"])
+    peak_fraction = first["flops_per_image"] * med[key] / peak_cpu
+    label = {"a": "(a) VanVAE", "b": "(b) GenerativeZoo"}[pipeline]
+    shape = "28 px" if pipeline == "a" and image_set == "grey28" else "32 px"
+    return [device, f"{IMAGE_SETS[image_set]}, {first['source']}", f"{label} at {shape}", first["precision"],
+            f"{med['train']:.0f}", f"{med['train_cpu']:.0f}", f"{med['sample']:.0f}", f"{med['eval']:.0f}", f"{med['rss_mib']:.0f}",
+            f"{first['flops_per_image'] / 1e6:.1f}", f"{gflops:.1f}", f"{100 * peak_fraction:.0f}"]
+
+
+def print_table(rows):
+    print("| " + " | ".join(COLUMNS) + " |")
+    print("|" + "|".join("---" for _ in COLUMNS) + "|")
+    for cells in rows:
+        print("| " + " | ".join(cells) + " |")
+
+
+def bench_device(device, args, settings):
+    threads = args.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    precisions = {"fp32", vae.resolve_precision(settings.get("precision", vae.TrainSettings.precision),
+                                                device)}
+    peaks = {p: matmul_peak_flops(device, {"fp32": torch.float32, "bf16": torch.bfloat16,
+                                           "fp16": torch.float16}[p], args.matmul_size, args.repeats + 2)
+             for p in sorted(precisions)}
+    print(f"\n{device.type}: {machine_name(device)}; torch {torch.__version__}; batch {args.batch_size}; "
+          f"{args.steps} timed training steps after {args.warmup}, {args.repeats} repeat(s), medians")
+    print("matmul peak (torch.mm, %d x %d): %s" % (args.matmul_size, args.matmul_size, "; ".join(
+        f"{p} {rate / 1e9:.0f} GFLOP/s, {cpu_rate / 1e9:.0f} GFLOP per CPU-s"
+        for p, (rate, cpu_rate) in sorted(peaks.items()))))
+    rows, ratios = [], {}
+    for image_set in IMAGE_SETS:
+        results = {"a": [], "b": []}
+        for repeat in range(args.repeats):
+            for pipeline in ("a", "b") if repeat % 2 == 0 else ("b", "a"):
+                job = {"pipeline": pipeline, "image_set": image_set, "device": device.type,
+                       "threads": threads, "batch_size": args.batch_size, "steps": args.steps,
+                       "warmup": args.warmup, "n_test": args.n_test, "n_sample": args.n_sample,
+                       "data_dir": None if args.generated else args.data_dir, "settings": settings}
+                results[pipeline].append(run_job(job))
+        rows += [row(device.type, image_set, p, results[p], peaks) for p in ("a", "b")]
+        ratios[image_set] = {k: [a[k] / b[k] for a, b in zip(results["a"], results["b"])]
+                             for k in ("train", "train_cpu")}
+    print_table(rows)
+    for image_set, paired in ratios.items():
+        for key, unit in (("train", "images/s"), ("train_cpu", "images/CPU-s")):
+            print(f"(a)/(b) training {unit}, {IMAGE_SETS[image_set]}: "
+                  f"{statistics.median(paired[key]):.2f}x "
+                  f"(per repeat: {', '.join(f'{r:.2f}' for r in paired[key])})")
+    print("MFLOP/image: convolutions and matrix products of one training step (forward and "
+          "backward), counted by torch.utils.flop_counter. % of matmul peak: training FLOP per "
+          "CPU-second over torch.mm's in the same precision (per wall second on a GPU).")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", default="./data", help="where Fashion-MNIST is found (default: ./data); "
+                   "generated images are used when it is not there")
+    p.add_argument("--batch_size", type=int, default=128, help="images per step, both pipelines (default: 128)")
+    p.add_argument("--steps", type=int, default=60, help="timed training steps per measurement (default: 60)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default: 5)")
+    p.add_argument("--repeats", type=int, default=3, help="measurements per pipeline, alternating (default: 3)")
+    p.add_argument("--n_test", type=int, default=2048, help="images evaluated (default: 2048)")
+    p.add_argument("--n_sample", type=int, default=1024, help="images sampled in one call (default: 1024)")
+    p.add_argument("--matmul_size", type=int, default=2048, help="side of the peak-rate matrices (default: 2048)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per usable CPU)")
+    p.add_argument("--device", choices=("all", "cpu", "cuda"), default="all",
+                   help="which devices to measure (default: all, meaning the CPU and CUDA if present)")
+    p.add_argument("--precision", choices=vae.PRECISIONS, default=None,
+                   help="(a)'s precision (default: none, meaning vae.TrainSettings' default)")
+    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
+                   help="(a)'s memory layout (default: TrainSettings' default)")
+    p.add_argument("--generated", action="store_true",
+                   help="generated images even where Fashion-MNIST is installed (faster to load)")
+    p.add_argument("--quick", action="store_true", help="2 steps, 1 repeat, small sets: checks the script runs")
+    p.add_argument("--job", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup, args.repeats, args.n_test, args.n_sample = 2, 1, 1, 64, 32
+        args.matmul_size = 512
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # each table line as soon as it is measured
+    if args.job:
+        print(json.dumps(measure(json.loads(args.job))))
+        return 0
+    devices = [torch.device("cpu")] if args.device in ("all", "cpu") else []
+    if args.device in ("all", "cuda") and torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    base = {k: v for k, v in (("precision", args.precision), ("channels_last", args.channels_last))
+            if v is not None}
+    for device in devices:
+        bench_device(device, args, base)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""The speed-ups change no result: the GEMM bottleneck computes what stock layers compute, and
+precision flags that cannot work on this device are refused with one line."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import vae
+import VanVAE
+
+
+def loss_and_grads(model, x):
+    model.zero_grad()
+    terms = model.loss(x, 1.0, torch.Generator().manual_seed(1))
+    terms["loss"].backward()
+    return terms["loss"].detach(), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (1, 20, 36)])
+def test_gemm_bottleneck_gives_the_stock_layers_loss_and_gradients(shape):
+    torch.manual_seed(0)
+    model = vae.VanillaVAE(vae.VAEConfig("t", shape)).double()
+    x = torch.rand(4, *shape, dtype=torch.double)
+    fast_loss, fast_grads = loss_and_grads(model, x)
+    for module in model.modules():  # the same weights, run by torch's own layers
+        if isinstance(module, vae.Conv2d):
+            module.__class__ = nn.Conv2d
+        elif isinstance(module, vae.ConvTranspose2d):
+            module.__class__ = nn.ConvTranspose2d
+    stock_loss, stock_grads = loss_and_grads(model, x)
+    assert torch.allclose(fast_loss, stock_loss, rtol=1e-12)
+    for fast, stock in zip(fast_grads, stock_grads):
+        assert torch.allclose(fast, stock, rtol=1e-9, atol=1e-12)
+
+
+def test_fp16_on_a_cpu_is_refused_in_one_line(capsys):
+    assert VanVAE.main(["--train", "--precision", "fp16", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "fp16" in err and "CUDA" in err
+
+
+def test_auto_precision_is_a_real_dtype():
+    assert vae.resolve_precision("auto", torch.device("cpu")) in ("bf16", "fp32")
+    assert vae.resolve_precision("fp32", torch.device("cpu")) == "fp32"
