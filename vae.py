@@ -494,7 +494,7 @@ def train(model, train_images, test_images, settings, resume=None):
                 if distributed.is_main():
                     print(f"saved {settings.checkpoint_path}, {paths['samples']}, {paths['reconstructions']}",
                           flush=True)
-            if stop_name is not None:
+            if stop_name is not None and not last:  # after the last epoch there is nothing to resume
                 raise StopRequested(stop_name, settings.checkpoint_path)
     return state["history"]
 

@@ -248,6 +248,22 @@ def test_a_signal_saves_and_prints_one_line_with_the_resume_command(tmp_path, lo
     assert ckpt["epoch"] == 1
 
 
+def test_a_signal_during_the_last_epochs_evaluation_just_finishes(capsys, monkeypatch, run_folder,
+                                                                   small_data):
+    """Training is complete by then: the run saves and ends as usual, with nothing to resume."""
+    real_evaluate = vae.evaluate
+
+    def interrupted_evaluate(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # handled by the loop's flag, not KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+    monkeypatch.setattr(vae, "evaluate", interrupted_evaluate)
+    code, out, err = run_main(capsys, "--train", "--resume", "--data_dir", small_data,
+                              "--output_dir", run_folder, "--n_epochs", 2)
+    assert code == 0 and err == "", err
+    assert "done:" in out
+    assert util.load_torch_file(run_folder / CHECKPOINT)["epoch"] == 2
+
+
 def test_kill_9_leaves_a_checkpoint_that_loads_samples_and_resumes(tmp_path, small_data):
     proc = start_cli("--train", "--data_dir", small_data, "--output_dir", tmp_path, *SMALL_MODEL,
                      "--n_epochs", 1000, "--seed", 2, "--sample_and_save_frequency", 1)
