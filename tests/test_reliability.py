@@ -245,7 +245,7 @@ def test_a_signal_saves_and_prints_one_line_with_the_resume_command(tmp_path, lo
     assert "--resume" in err and f"--checkpoint {path}" in err
     ckpt, model = VanVAE.load_checkpoint(str(path), "mnist")
     vae.check_resumable(ckpt, path)
-    assert ckpt["epoch"] == 1
+    assert ckpt["epoch"] >= 1  # epoch 1, or more on a machine slow to deliver the signal
 
 
 def test_a_signal_during_the_last_epochs_evaluation_just_finishes(capsys, monkeypatch, run_folder,
