@@ -331,6 +331,7 @@ def test_nan_loss_while_resuming_keeps_the_checkpoint(capsys, monkeypatch, run_f
         terms = real_loss(self, *args, **kwargs)
         return {**terms, "loss": terms["loss"] * float("nan")}
     monkeypatch.setattr(vae.VanillaVAE, "loss", nan_loss)
+    monkeypatch.setattr(vae.VanillaVAE, "forward", nan_loss)  # training calls the module
     code, _, err = run_main(capsys, "--train", "--resume", "--data_dir", small_data,
                             "--output_dir", run_folder, "--n_epochs", 2)
     assert_one_line_error(code, err, "NaN or infinite", "keeps the last good weights")
