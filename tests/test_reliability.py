@@ -179,9 +179,11 @@ def long_data(tmp_path_factory):
 def good_checkpoint(tmp_path_factory, small_data):
     """A checkpoint after one epoch, made in-process once for the module."""
     out = tmp_path_factory.mktemp("trained")
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # and back: later test modules compare runs at the default count
     assert VanVAE.main(["--train", "--data_dir", str(small_data), "--output_dir", str(out),
                         *SMALL_MODEL, "--n_epochs", "1", "--seed", "0"]) == 0
+    torch.set_num_threads(threads)
     return out / CHECKPOINT
 
 
