@@ -8,6 +8,7 @@
 import argparse
 import os
 import random
+import shlex
 import sys
 
 import data
@@ -205,6 +206,7 @@ def train_in_process_group(args, device):
     resume = None
     if args.resume:
         resume, model = load_checkpoint(path, dataset, image_shape)
+        vae.check_resumable(resume, path)
         seed = resume["args"]["seed"]
         print(f"resuming {path} after epoch {resume['epoch']}"
               + (f", step {resume['step']}" if resume["step"] else ""), flush=True)
@@ -270,6 +272,24 @@ def run_sample(args):
     print(f"  tensor {stem}.pt (uint8, {args.num_samples} x {' x '.join(map(str, model.config.image_shape))})")
 
 
+# Flags a resumed run does not take back from the checkpoint: where things are, how long to go on.
+RESUME_FLAGS = ("n_epochs", "data_dir", "output_dir", "sample_and_save_frequency", "num_samples",
+                "device", "image_size")
+
+
+def resume_command(args, checkpoint_path, launcher="python"):
+    """The command that continues a stopped run, repeating every such flag that was not left
+    at its default (the hyper-parameters come back from the checkpoint itself)."""
+    words = ["VanVAE.py", "--train", "--resume", "--dataset", args.dataset or "mnist",
+             "--checkpoint", checkpoint_path]
+    parser = build_parser()
+    for name in RESUME_FLAGS:
+        value = getattr(args, name)
+        if value != parser.get_default(name):
+            words += [f"--{name}", str(value)]
+    return f"{launcher} {shlex.join(words)}"
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
@@ -282,8 +302,7 @@ def main(argv=None):
             return 130
         launcher = "torchrun <its flags>" if distributed.launched_world_size() > 1 else "python"
         print(f"VanVAE.py: stopped by {stop.signal_name}; saved {stop.checkpoint_path}. Resume with: "
-              f"{launcher} VanVAE.py --train --resume --dataset {args.dataset or 'mnist'} "
-              f"--checkpoint {stop.checkpoint_path}", file=sys.stderr)
+              f"{resume_command(args, stop.checkpoint_path, launcher)}", file=sys.stderr)
         return 130
     except UserError as e:
         where = f" (rank {distributed.rank()})" if distributed.launched_world_size() > 1 else ""

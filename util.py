@@ -6,6 +6,7 @@ import os
 import pickle
 import random
 import tempfile
+import warnings
 import zipfile
 
 import torch
@@ -51,14 +52,28 @@ def load_torch_file(path, what="checkpoint"):
     if not os.path.isfile(path):
         raise UserError(f"{what} not found: {path}")
     try:
-        # weights_only=True refuses any pickle that would import or run code.
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about foreign pickle protocols on stderr; the error below says it all.
+            warnings.simplefilter("ignore")
+            # weights_only=True refuses any pickle that would import or run code.
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling failed"
-        raise UserError(f"{path} is not a safe VanVAE {what} (refused to load: {first_line})") from None
+        raise UserError(f"{path} is not a VanVAE {what}: refused to load it ({_unpickling_reason(e)}); "
+                        "files are read with weights_only=True, so none can run code") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} is not a readable {what} (truncated or corrupted?): {reason}") from None
+
+
+# torch wraps the real reason in advice to load with weights_only=False, which is the one
+# thing a user must not do with a file they cannot trust.
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _unpickling_reason(error):
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reasons = [line for line in lines if not line.startswith(_TORCH_BOILERPLATE)]
+    return reasons[0] if reasons else "not a plain tensor file"
 
 
 def save_image_grid(images, path, nrow=None):

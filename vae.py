@@ -269,6 +269,22 @@ def model_from_checkpoint(ckpt, path):
     return model
 
 
+RESUME_KEYS = ("optimizer", "epoch", "step", "history", "partial", "rng", "args")
+
+
+def check_resumable(ckpt, path):
+    """Raise UserError unless `ckpt` (already past model_from_checkpoint) holds the training
+    state --resume needs; a weights-only file can still be sampled from."""
+    missing = [key for key in RESUME_KEYS if key not in ckpt]
+    missing += [f"rng.{key}" for key in ("shuffle_at_epoch_start", "noise")
+                if not isinstance(ckpt.get("rng"), dict) or key not in ckpt["rng"]]
+    missing += [f"args.{key}" for key in ("seed", "batch_size", "lr", "kld_weight")
+                if not isinstance(ckpt.get("args"), dict) or key not in ckpt["args"]]
+    if missing:
+        raise UserError(f"{path} holds weights but not the training state to resume "
+                        f"(missing {', '.join(missing)}); use it with --sample, or train anew")
+
+
 # ---------------------------------------------------------------- training
 
 @dataclass
@@ -493,6 +509,14 @@ def make_checkpoint(model, optimizer, state, settings):
     }
 
 
+def check_finite_weights(model, checkpoint_path):
+    """The loss is checked before each step; this catches the last step of an epoch blowing
+    the weights up, so a checkpoint is never replaced by broken weights."""
+    if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
+        raise NonFiniteLoss(f"the weights became NaN or infinite; {checkpoint_path} keeps the "
+                            "last good weights")
+
+
 def save_outputs(model, epoch, settings, test_images, fixed_z, history):
     """Prior samples from a fixed z, test images above their reconstructions, CSV, curves."""
     from plots import plot_loss_curves  # matplotlib is slow to import; only needed here
@@ -543,6 +567,7 @@ def train(model, train_images, test_images, settings, resume=None):
     model.train()
 
     def save():
+        check_finite_weights(model, settings.checkpoint_path)
         distributed.on_main(lambda: atomic_torch_save(make_checkpoint(model, optimizer, state, settings),
                                                       settings.checkpoint_path))
 
@@ -612,7 +637,7 @@ def train(model, train_images, test_images, settings, resume=None):
                 if distributed.is_main():
                     print(f"saved {settings.checkpoint_path}, {paths['samples']}, {paths['reconstructions']}",
                           flush=True)
-            if stop_name is not None:
+            if stop_name is not None and not last:  # after the last epoch there is nothing to resume
                 raise StopRequested(stop_name, settings.checkpoint_path)
     return state["history"]
 
@@ -622,11 +647,11 @@ def sample_to_files(model, n, generator, png_path, tensor_path, chunk=1024, max_
     first max_grid as a PNG grid, so memory stays small whatever n is."""
     device = next(model.parameters()).device
     model.eval()
-    chunks = []
+    # Filled in place: a list of chunks and a torch.cat would hold every sample twice.
+    samples = torch.empty((n, *model.config.image_shape), dtype=torch.uint8)
     for start in range(0, n, chunk):
         images = model.sample(min(chunk, n - start), generator, device)
-        chunks.append(images.mul(255).round_().to(torch.uint8).cpu())
-    samples = torch.cat(chunks)
+        samples[start:start + images.shape[0]] = images.mul(255).round_().to(torch.uint8).cpu()
     save_image_grid(samples[:max_grid].float() / 255, png_path)
     atomic_torch_save(samples, tensor_path)
     return samples
