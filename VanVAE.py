@@ -3,9 +3,12 @@
     python VanVAE.py --train --dataset fashionmnist
     python VanVAE.py --sample --checkpoint models/VanillaVAE/VanillaVAE_fashionmnist.pt
     torchrun --nproc_per_node=4 VanVAE.py --train --dataset fashionmnist   (docs/DISTRIBUTED.md)
+    python VanVAE.py --eval --dataset fashionmnist
+    python VanVAE.py --outlier_detection --dataset fashionmnist --out_dataset mnist
 """
 
 import argparse
+import json
 import os
 import random
 import shlex
@@ -53,6 +56,16 @@ def nonnegative_float(text):
     return value
 
 
+def nonnegative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more, not {value}")
+    return value
+
+
 def build_parser():
     p = Parser(prog="VanVAE.py", description="Train a Vanilla VAE on an image dataset, or sample "
                "new images from a trained one. Every figure printed is per image, with its unit.")
@@ -61,6 +74,12 @@ def build_parser():
                       "samples and reconstructions every --sample_and_save_frequency epochs)")
     mode.add_argument("--sample", action="store_true", help="draw --num_samples images from the "
                       "prior of a trained model; needs only --checkpoint")
+    mode.add_argument("--eval", action="store_true", help="evaluate a trained model on its test "
+                      "split: -ELBO, importance-weighted log-likelihood bound, reconstruction error, "
+                      "active units, FID; a table, eval.json and pictures in the run folder")
+    mode.add_argument("--outlier_detection", action="store_true", help="score the model's test split "
+                      "and --out_dataset's test split by -ELBO and the importance-weighted bound; "
+                      "report AUROC and FPR at 95%% TPR")
     p.add_argument("--dataset", choices=data.DATASETS, default=None,
                    help="dataset to train on (default: mnist)")
     p.add_argument("--batch_size", type=positive_int, default=128,
@@ -114,6 +133,24 @@ def build_parser():
     p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for PyTorch (default: none, meaning one per CPU this process "
                         "may run on)")
+    p.add_argument("--binarize", action="store_true",
+                   help="with --train and --recon_loss bernoulli: train on a fresh binarisation of "
+                        "every batch (pixel = 1 with probability its intensity) and evaluate on a "
+                        "fixed binarisation of the test set, so nats compare with binarised-MNIST "
+                        "results; --eval reads it from the checkpoint")
+    p.add_argument("--iw_samples", type=positive_int, default=100,
+                   help="importance samples K per image for the log-likelihood bound of --eval and "
+                        "--outlier_detection (default: 100; Burda et al. report K=5000)")
+    p.add_argument("--fid_samples", type=nonnegative_int, default=10000,
+                   help="prior samples for --eval's FID against the test split; 0 skips FID "
+                        "(default: 10000; about 2 minutes per 1000 images on 2 CPU cores)")
+    p.add_argument("--eval_images", type=positive_int, default=None,
+                   help="with --eval/--outlier_detection: use only the first this many images of each "
+                        "test split (default: none, meaning all of them)")
+    p.add_argument("--out_dataset", choices=data.DATASETS, default=None,
+                   help="with --outlier_detection: the dataset whose test images are the outliers; "
+                        "brought to the model's channels and size by channel mean or repetition and "
+                        "bilinear resizing")
     p.add_argument("--resume", action="store_true",
                    help="with --train: continue from --checkpoint (or the default one) where it stopped")
     p.add_argument("--overwrite", action="store_true",
@@ -217,6 +254,8 @@ def train_in_process_group(args, device):
         seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
         seed = distributed.from_main(seed)  # every process must shuffle and draw noise alike
         seed_everything(seed)
+        if args.binarize and args.recon_loss != "bernoulli":
+            raise UserError(f"--binarize needs --recon_loss bernoulli (binary pixels), not {args.recon_loss}")
         config = vae.VAEConfig(dataset=dataset, image_shape=image_shape, latent_dim=args.latent_dim,
                                hidden_dims=tuple(args.hidden_dims or vae.DEFAULT_HIDDEN_DIMS),
                                recon_loss=args.recon_loss)
@@ -228,6 +267,10 @@ def train_in_process_group(args, device):
     train_images, test_images = distributed.first_on_each_machine(lambda: (
         data.load_split(dataset, "train", args.data_dir, args.image_size)[0],
         data.load_split(dataset, "test", args.data_dir, args.image_size)[0]))
+    binarized = resume["args"].get("binarize", False) if resume is not None else args.binarize
+    if binarized:
+        import evaluation
+        test_images = evaluation.binarize_fixed(test_images)
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{dataset}: {train_images.shape[0]} train / {test_images.shape[0]} test images of "
@@ -242,7 +285,8 @@ def train_in_process_group(args, device):
         sample_and_save_frequency=args.sample_and_save_frequency, num_samples=args.num_samples,
         seed=seed, checkpoint_path=path, run_dir=out_dir, args=flags,
         progress=sys.stderr.isatty() and distributed.is_main(), precision=args.precision,
-        channels_last=args.channels_last, compile=args.compile)
+        channels_last=args.channels_last, compile=args.compile, binarize=binarized)
+    flags["binarize"] = binarized
     if resume is not None:
         # The run continues with the hyper-parameters it started with; only its length,
         # the save frequency and the sample count may change.
@@ -290,11 +334,112 @@ def resume_command(args, checkpoint_path, launcher="python"):
     return f"{launcher} {shlex.join(words)}"
 
 
+def load_for_eval(args):
+    """The checkpoint's model on its device and the facts about its training that --eval needs."""
+    path = args.checkpoint or default_checkpoint(args.output_dir, args.dataset or "mnist")
+    ckpt, model = load_checkpoint(path, args.dataset)
+    model.to(pick_device(args.device))
+    trained = ckpt.get("args", {})
+    return path, model, trained.get("binarize", False), trained.get("kld_weight", 1.0), trained.get("image_size")
+
+
+def test_split(name, args, image_size, binarized, shape=None, binarize_seed=0):
+    images, labels = data.load_split(name, "test", args.data_dir, image_size)
+    images, labels = images[:args.eval_images], labels[:args.eval_images]
+    if shape is not None:
+        images = data.match_shape(images, shape)
+    if binarized:
+        import evaluation
+        images = evaluation.binarize_fixed(images, binarize_seed)
+    return images, labels
+
+
+def write_json(report, path):
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+
+
+def run_eval(args):
+    import evaluation
+    path, model, binarized, kld_weight, image_size = load_for_eval(args)
+    config = model.config
+    seed = args.seed if args.seed is not None else 0
+    out_dir = run_dir(args.output_dir, config.dataset)
+    check_writable(out_dir)
+    raw_images, labels = test_split(config.dataset, args, image_size, False)
+    images = evaluation.binarize_fixed(raw_images) if binarized else raw_images
+    fid_net = fid_reference = None
+    if args.fid_samples > 0:
+        import fid
+        fid_net = fid.load_network()
+        print(f"FID reference: {config.dataset} test split, {raw_images.shape[0]} images "
+              "(features cached in --data_dir after the first run)", flush=True)
+        mu, sigma, _ = fid.reference_statistics(
+            fid_net, raw_images, args.data_dir, f"{config.dataset}_{config.image_shape[-1]}px_test")
+        fid_reference = (mu, sigma, f"the {raw_images.shape[0]} {config.dataset} test images")
+    print(f"evaluating {path} on {images.shape[0]} {config.dataset} test images "
+          f"(K={args.iw_samples}, seed {seed})", flush=True)
+    report, means = evaluation.evaluate(model, images, labels, iw_samples=args.iw_samples,
+                                        kld_weight=kld_weight, binarized=binarized, seed=seed,
+                                        fid_samples=args.fid_samples, fid_reference=fid_reference,
+                                        fid_net=fid_net)
+    report["checkpoint"] = path
+    report["files"] = evaluation.save_pictures(model, images, labels, means, os.path.join(out_dir, "eval"))
+    report["files"]["json"] = os.path.join(out_dir, "eval.json")
+    write_json(report, report["files"]["json"])
+    print(evaluation.format_table(report))
+    for name, file in report["files"].items():
+        print(f"  {name:<16} {file}")
+
+
+def run_outlier_detection(args):
+    import evaluation
+    from plots import plot_score_histograms
+    if args.out_dataset is None:
+        raise UserError("--outlier_detection needs --out_dataset NAME (the dataset of outliers)")
+    path, model, binarized, kld_weight, image_size = load_for_eval(args)
+    config = model.config
+    seed = args.seed if args.seed is not None else 0
+    out_dir = run_dir(args.output_dir, config.dataset)
+    check_writable(out_dir)
+    images_in, _ = test_split(config.dataset, args, image_size, binarized)
+    # A different binarisation seed, so no two images share their noise by construction.
+    images_out, _ = test_split(args.out_dataset, args, None, binarized, config.image_shape, binarize_seed=1)
+    print(f"scoring {images_in.shape[0]} {config.dataset} and {images_out.shape[0]} {args.out_dataset} "
+          f"test images with {path} (K={args.iw_samples})", flush=True)
+    scores_in = evaluation.outlier_scores(model, images_in, args.iw_samples, kld_weight, seed)
+    scores_out = evaluation.outlier_scores(model, images_out, args.iw_samples, kld_weight, seed + 1)
+    report = {"checkpoint": path, "in_dataset": config.dataset, "out_dataset": args.out_dataset,
+              "n_in": int(images_in.shape[0]), "n_out": int(images_out.shape[0]), "binarized": binarized,
+              "out_images": f"{args.out_dataset} test images brought to {config.image_shape}: RGB->grey by "
+                            "channel mean, grey->RGB by repetition, bilinear resize",
+              "positive_class_for_fpr": "in-distribution (FPR = outliers accepted at 95% of inliers accepted)",
+              "scores": evaluation.outlier_report(scores_in, scores_out), "files": {}}
+    for name in scores_in:
+        png = os.path.join(out_dir, f"outliers_{args.out_dataset}_{name}.png")
+        plot_score_histograms(scores_in[name].numpy(), scores_out[name].numpy(), config.dataset,
+                              args.out_dataset, name.replace("_", " "), png,
+                              f"{name}: AUROC {report['scores'][name]['auroc']:.3f}")
+        report["files"][name] = png
+    report["files"]["json"] = os.path.join(out_dir, f"outliers_{args.out_dataset}.json")
+    write_json(report, report["files"]["json"])
+    print(f"{'score':<40} {'AUROC':>7} {'FPR@95%TPR':>11} {'mean in':>10} {'mean out':>10}")
+    for name, r in report["scores"].items():
+        print(f"{name:<40} {r['auroc']:>7.4f} {r['fpr_at_95_tpr']:>11.4f} {r['mean_in']:>10.2f} {r['mean_out']:>10.2f}")
+    print(f"({report['out_images']}; higher score = more anomalous)")
+    for name, file in report["files"].items():
+        print(f"  {name:<40} {file}")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         if args.train:
             run_train(args)
+        elif args.eval:
+            run_eval(args)
+        elif args.outlier_detection:
+            run_outlier_detection(args)
         else:
             run_sample(args)
     except vae.StopRequested as stop:

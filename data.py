@@ -15,6 +15,7 @@ import tempfile
 import medmnist
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torchvision import datasets
 
 from util import UserError
@@ -90,6 +91,25 @@ def load_split(name, split, data_dir, image_size=None, download=True):
                         f"{images.dtype} images and {len(labels)} labels; expected uint8 "
                         f"(N, {', '.join(map(str, shape))}) and one label per image")
     return images.contiguous(), labels
+
+
+def match_shape(images, shape):
+    """uint8 (N, C, H, W) images brought to (C', H', W') `shape`, the one way outlier detection
+    compares datasets: RGB to grey by the mean of the channels, grey to RGB by repeating it,
+    then a bilinear resize (antialiased when shrinking), rounded back to uint8."""
+    channels, height, width = shape
+    x = images.float()
+    if x.shape[1] != channels:
+        if channels == 1:
+            x = x.mean(dim=1, keepdim=True)
+        elif x.shape[1] == 1:
+            x = x.expand(-1, channels, -1, -1)
+        else:
+            raise UserError(f"cannot turn {x.shape[1]}-channel images into {channels}-channel ones")
+    if tuple(x.shape[2:]) != (height, width):
+        x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False,
+                          antialias=height < x.shape[2] or width < x.shape[3])
+    return x.round_().clamp_(0, 255).to(torch.uint8).contiguous()
 
 
 def _needed_files(name, split, data_dir, size):

