@@ -16,6 +16,7 @@ import sys
 
 import data
 import distributed
+import training
 import vae
 from util import UserError, load_torch_file, seed_everything
 
@@ -119,15 +120,15 @@ def build_parser():
                    help="MedMNIST image size: 28, 64, 128 or 224 (default: none, meaning the "
                         "dataset's native size: 28 for MNIST, Fashion-MNIST and MedMNIST, 32 for "
                         "CIFAR-10 and SVHN)")
-    p.add_argument("--precision", choices=vae.PRECISIONS, default=vae.TrainSettings.precision,
+    p.add_argument("--precision", choices=training.PRECISIONS, default=training.TrainSettings.precision,
                    help="autocast dtype of convolutions and matrix products while training: bf16 "
                         "(CPUs with AVX512-BF16/AMX, CUDA), fp16 (CUDA only, with loss scaling), "
                         "fp32; weights, loss and Adam stay fp32 (default: auto, meaning bf16 where "
                         "the hardware has it natively, else fp32; see docs/BENCHMARKS.md)")
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction,
-                   default=vae.TrainSettings.channels_last,
+                   default=training.TrainSettings.channels_last,
                    help="NHWC memory layout, faster with oneDNN and cuDNN (default: %(default)s)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=vae.TrainSettings.compile,
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=training.TrainSettings.compile,
                    help="torch.compile the encoder and decoder; pays back only on long runs "
                         "(default: %(default)s)")
     p.add_argument("--threads", type=positive_int, default=None,
@@ -230,7 +231,7 @@ def run_train(args):
         raise UserError(f"--batch_size {args.batch_size} is the global batch and must split evenly "
                         f"over the {world} processes torchrun started: use a multiple of {world}")
     device = pick_device(args.device)
-    vae.check_precision(args.precision, device)
+    training.check_precision(args.precision, device)
     with distributed.process_group(device), distributed.stdout_on_main_only():
         train_in_process_group(args, device)
 
@@ -243,7 +244,7 @@ def train_in_process_group(args, device):
     resume = None
     if args.resume:
         resume, model = load_checkpoint(path, dataset, image_shape)
-        vae.check_resumable(resume, path)
+        training.check_resumable(resume, path)
         seed = resume["args"]["seed"]
         print(f"resuming {path} after epoch {resume['epoch']}"
               + (f", step {resume['step']}" if resume["step"] else ""), flush=True)
@@ -276,11 +277,11 @@ def train_in_process_group(args, device):
     print(f"{dataset}: {train_images.shape[0]} train / {test_images.shape[0]} test images of "
           f"{tuple(train_images.shape[1:])}; {n_params / 1e6:.2f} M parameters; {device}"
           f"{f' ({threads} threads)' if device.type == 'cpu' else ''}, "
-          f"{vae.resolve_precision(args.precision, device)}; seed {seed}",
+          f"{training.resolve_precision(args.precision, device)}; seed {seed}",
           flush=True)
     flags = {k: v for k, v in vars(args).items()}
     flags.update(dataset=dataset, seed=seed, checkpoint=path)
-    settings = vae.TrainSettings(
+    settings = training.TrainSettings(
         n_epochs=args.n_epochs, batch_size=args.batch_size, lr=args.lr, kld_weight=args.kld_weight,
         sample_and_save_frequency=args.sample_and_save_frequency, num_samples=args.num_samples,
         seed=seed, checkpoint_path=path, run_dir=out_dir, args=flags,
@@ -293,7 +294,7 @@ def train_in_process_group(args, device):
         for key in ("batch_size", "lr", "kld_weight"):
             setattr(settings, key, resume["args"][key])
             flags[key] = resume["args"][key]
-    vae.train(model, train_images, test_images, settings, resume)
+    training.train(model, train_images, test_images, settings, resume)
     print(f"done: {path}")
 
 
@@ -442,7 +443,7 @@ def main(argv=None):
             run_outlier_detection(args)
         else:
             run_sample(args)
-    except vae.StopRequested as stop:
+    except training.StopRequested as stop:
         if not distributed.is_main():
             return 130
         launcher = "torchrun <its flags>" if distributed.launched_world_size() > 1 else "python"

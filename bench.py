@@ -3,8 +3,8 @@
     python bench.py --data_dir /work/data     # real Fashion-MNIST where installed; a few minutes
     python bench.py --quick                   # a few steps: checks the script, not the speed
 
-(a) is VanVAE's own pipeline: uint8 images at native size in memory, vae.next_batch and
-vae.train_step (the training loop's own code), with TrainSettings' defaults for precision and
+(a) is VanVAE's own pipeline: uint8 images at native size in memory, training.next_batch and
+training.train_step (the training loop's own code), with TrainSettings' defaults for precision and
 memory layout. (b) is GenerativeZoo's, rebuilt: a torchvision dataset with per-image Resize(32),
 ToTensor and Normalize(0.5, 0.5), a DataLoader with num_workers 0, the same network at 32 px with
 its MSE loss, plain Adam and a .item() every step. Each (pipeline, images, repeat) runs in its
@@ -21,7 +21,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -31,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import datasets, transforms
 
 import data
+import training
 import vae
 from util import UserError
 
@@ -107,10 +107,10 @@ class VanVAEPipeline:
         shape = tuple(train_u8.shape[1:])
         self.model = vae.VanillaVAE(vae.VAEConfig("bench", shape)).to(device)
         self.settings, self.device, self.batch_size = settings, device, batch_size
-        self.optimizer = vae.make_optimizer(self.model, settings.lr)
-        self.scaler = vae.prepare_for_training(self.model, settings, device)
-        self.train_u8 = vae.images_on_device(train_u8, device)
-        self.test_u8 = vae.images_on_device(test_u8, device)
+        self.optimizer = training.make_optimizer(self.model, settings.lr)
+        self.scaler = training.prepare_for_training(self.model, settings, device)
+        self.train_u8 = training.images_on_device(train_u8, device)
+        self.test_u8 = training.images_on_device(test_u8, device)
         self.noise = torch.Generator(device).manual_seed(1)
         self.order = torch.randperm(train_u8.shape[0])
         self.step_index = 0
@@ -122,8 +122,8 @@ class VanVAEPipeline:
             i = self.step_index % n_batches
             self.step_index += 1
             idx = self.order[i * self.batch_size:(i + 1) * self.batch_size]
-            x = vae.next_batch(self.train_u8, idx, self.device, self.settings.channels_last)
-            terms = vae.train_step(self.model, self.optimizer, x, self.settings.kld_weight,
+            x = training.next_batch(self.train_u8, idx, self.device, self.settings.channels_last)
+            terms = training.train_step(self.model, self.optimizer, x, self.settings.kld_weight,
                                    self.noise, self.settings.precision, self.scaler)
             self.sums += torch.stack([terms["recon"].sum(), terms["kl"].sum(),
                                       terms["loss"] * x.shape[0]]).detach().double()
@@ -226,16 +226,16 @@ def measure(job):
     n_train = max(batch_size * (steps + job["warmup"] + 2), job["n_test"])
     train_u8, test_u8, source = uint8_splits(job["image_set"], job["data_dir"], n_train, job["n_test"])
     if job["pipeline"] == "a":
-        settings = vae.TrainSettings(batch_size=batch_size, **job["settings"])
+        settings = training.TrainSettings(batch_size=batch_size, **job["settings"])
         pipeline = VanVAEPipeline(train_u8, test_u8, batch_size, device, settings)
-        precision = settings.precision  # 'auto' resolved by vae.prepare_for_training
+        precision = settings.precision  # 'auto' resolved by training.prepare_for_training
     else:
         train_set, test_set = generativezoo_datasets(job["image_set"], job["data_dir"], train_u8,
                                                      test_u8, source)
         if source == "real":
             test_set = torch.utils.data.Subset(test_set, range(job["n_test"]))
         pipeline = GenerativeZooPipeline(train_set, test_set, train_u8.shape[1], batch_size, device,
-                                         vae.TrainSettings.lr)
+                                         training.TrainSettings.lr)
         precision = "fp32"
     pipeline.train_steps(job["warmup"])
     train_rate, train_cpu_rate = images_per_second(lambda: pipeline.train_steps(steps),
@@ -315,7 +315,7 @@ def print_table(rows):
 def bench_device(device, args, settings):
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
-    precisions = {"fp32", vae.resolve_precision(settings.get("precision", vae.TrainSettings.precision),
+    precisions = {"fp32", training.resolve_precision(settings.get("precision", training.TrainSettings.precision),
                                                 device)}
     peaks = {p: matmul_peak_flops(device, {"fp32": torch.float32, "bf16": torch.bfloat16,
                                            "fp16": torch.float16}[p], args.matmul_size, args.repeats + 2)
@@ -364,8 +364,8 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per usable CPU)")
     p.add_argument("--device", choices=("all", "cpu", "cuda"), default="all",
                    help="which devices to measure (default: all, meaning the CPU and CUDA if present)")
-    p.add_argument("--precision", choices=vae.PRECISIONS, default=None,
-                   help="(a)'s precision (default: none, meaning vae.TrainSettings' default)")
+    p.add_argument("--precision", choices=training.PRECISIONS, default=None,
+                   help="(a)'s precision (default: none, meaning training.TrainSettings' default)")
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
                    help="(a)'s memory layout (default: TrainSettings' default)")
     p.add_argument("--generated", action="store_true",

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+import training
 import vae
 from fakedata import write_dataset
 
@@ -107,6 +108,7 @@ def test_sample_needs_only_the_checkpoint(trained):
     samples = torch.load(tmp / tensor, weights_only=True)
     assert samples.shape == (5, 1, 28, 28) and samples.dtype == torch.uint8
     again = run_cli("--sample", "--checkpoint", ckpt, "--num_samples", "5", "--seed", "1", cwd=tmp)
+    assert again.returncode == 0, again.stderr
     assert torch.equal(torch.load(tmp / tensor, weights_only=True), samples), "--seed must repeat"
 
 
@@ -144,9 +146,9 @@ def test_one_epoch_on_real_fashion_mnist_learns(tmp_path):
     train_images, test_images = train_images[:4000], test_images[:1000]
     model = vae.VanillaVAE(vae.VAEConfig("fashionmnist", (1, 28, 28)))
     before = vae.evaluate(model, test_images, 500)
-    settings = vae.TrainSettings(n_epochs=1, lr=1e-3, batch_size=64, checkpoint_path=str(tmp_path / "c.pt"),
+    settings = training.TrainSettings(n_epochs=1, lr=1e-3, batch_size=64, checkpoint_path=str(tmp_path / "c.pt"),
                                  run_dir=str(tmp_path / "run"), progress=False)
-    vae.train(model, train_images, test_images, settings)
+    training.train(model, train_images, test_images, settings)
     after = vae.evaluate(model, test_images, 500)
     neg_elbo_before, neg_elbo_after = before["recon"] + before["kl"], after["recon"] + after["kl"]
     assert neg_elbo_after < 0.7 * neg_elbo_before, (neg_elbo_before, neg_elbo_after)

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import training
 import vae
 import VanVAE
 
@@ -40,5 +41,5 @@ def test_fp16_on_a_cpu_is_refused_in_one_line(capsys):
 
 
 def test_auto_precision_is_a_real_dtype():
-    assert vae.resolve_precision("auto", torch.device("cpu")) in ("bf16", "fp32")
-    assert vae.resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    assert training.resolve_precision("auto", torch.device("cpu")) in ("bf16", "fp32")
+    assert training.resolve_precision("fp32", torch.device("cpu")) == "fp32"

@@ -26,6 +26,7 @@ from PIL import Image
 
 import data
 import util
+import training
 import vae
 import VanVAE
 from fakedata import NoMd5CIFAR10, write_dataset
@@ -246,7 +247,7 @@ def test_a_signal_saves_and_prints_one_line_with_the_resume_command(tmp_path, lo
     assert f"stopped by {signal.Signals(signum).name}; saved {path}" in err
     assert "--resume" in err and f"--checkpoint {path}" in err
     ckpt, model = VanVAE.load_checkpoint(str(path), "mnist")
-    vae.check_resumable(ckpt, path)
+    training.check_resumable(ckpt, path)
     assert ckpt["epoch"] >= 1  # epoch 1, or more on a machine slow to deliver the signal
 
 
@@ -258,7 +259,7 @@ def test_a_signal_during_the_last_epochs_evaluation_just_finishes(capsys, monkey
     def interrupted_evaluate(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)  # handled by the loop's flag, not KeyboardInterrupt
         return real_evaluate(*args, **kwargs)
-    monkeypatch.setattr(vae, "evaluate", interrupted_evaluate)
+    monkeypatch.setattr(training, "evaluate", interrupted_evaluate)
     code, out, err = run_main(capsys, "--train", "--resume", "--data_dir", small_data,
                               "--output_dir", run_folder, "--n_epochs", 2)
     assert code == 0 and err == "", err
@@ -353,7 +354,7 @@ def test_weights_broken_by_the_last_step_of_an_epoch_are_never_saved(capsys, mon
             self.param_groups[0]["params"][0].fill_(float("inf"))
         return result
     monkeypatch.setattr(torch.optim.Adam, "step", step_then_break)
-    monkeypatch.setattr(vae, "batches_per_epoch", lambda n_images, batch_size: 1)
+    monkeypatch.setattr(training, "batches_per_epoch", lambda n_images, batch_size: 1)
     code, _, err = run_main(capsys, "--train", "--resume", "--data_dir", small_data,
                             "--output_dir", run_folder, "--n_epochs", 2)
     assert_one_line_error(code, err, "NaN or infinite", "keeps the last good weights")

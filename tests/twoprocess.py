@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 import distributed
+import training
 import vae
 from util import UserError
 
@@ -52,7 +53,7 @@ def signal_on_one_rank_worker(rank, root):
                            generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     model = vae.VanillaVAE(vae.VAEConfig("mnist", (1, 28, 28), latent_dim=4, hidden_dims=(8, 16)))
-    settings = vae.TrainSettings(n_epochs=1, batch_size=8, seed=0, checkpoint_path=f"{root}/ckpt.pt",
+    settings = training.TrainSettings(n_epochs=1, batch_size=8, seed=0, checkpoint_path=f"{root}/ckpt.pt",
                                  run_dir=f"{root}/runs", progress=False)
     draw_noise, steps = model.draw_noise, []
 
@@ -63,8 +64,8 @@ def signal_on_one_rank_worker(rank, root):
         return draw_noise(*args, **kwargs)
 
     model.draw_noise = draw_noise_and_signal_rank_1_in_step_2
-    with pytest.raises(vae.StopRequested) as stop:
-        vae.train(model, images, images[:8], settings)
+    with pytest.raises(training.StopRequested) as stop:
+        training.train(model, images, images[:8], settings)
     assert stop.value.signal_name == "SIGTERM" and len(steps) == 3  # both stopped after step 2
     if rank == 0:
         saved = torch.load(f"{root}/ckpt.pt", weights_only=True)

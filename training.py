@@ -1,0 +1,369 @@
+"""Training the VAE: the loop with its checkpoints, pictures and per-epoch figures, the
+precision and memory-layout choices that make a step fast, and the signal handling that makes a
+run resumable. Tensors in, tensors out: this file never reads datasets from disk."""
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+import distributed
+from util import UserError, atomic_torch_save, save_image_grid, write_csv
+from vae import FORMAT_VERSION, binarize, evaluate, is_likelihood, to_float
+
+
+RESUME_KEYS = ("optimizer", "epoch", "step", "history", "partial", "rng", "args")
+
+
+def check_resumable(ckpt, path):
+    """Raise UserError unless `ckpt` (already past model_from_checkpoint) holds the training
+    state --resume needs; a weights-only file can still be sampled from."""
+    missing = [key for key in RESUME_KEYS if key not in ckpt]
+    missing += [f"rng.{key}" for key in ("shuffle_at_epoch_start", "noise")
+                if not isinstance(ckpt.get("rng"), dict) or key not in ckpt["rng"]]
+    missing += [f"args.{key}" for key in ("seed", "batch_size", "lr", "kld_weight")
+                if not isinstance(ckpt.get("args"), dict) or key not in ckpt["args"]]
+    if missing:
+        raise UserError(f"{path} holds weights but not the training state to resume "
+                        f"(missing {', '.join(missing)}); use it with --sample, or train anew")
+
+
+# ---------------------------------------------------------------- training
+
+@dataclass
+class TrainSettings:
+    n_epochs: int = 100
+    batch_size: int = 128
+    lr: float = 2e-4
+    kld_weight: float = 1.0
+    sample_and_save_frequency: int = 5
+    num_samples: int = 16
+    seed: int = 0
+    checkpoint_path: str = "models/VanillaVAE/VanillaVAE_mnist.pt"
+    run_dir: str = "runs/VanillaVAE_mnist"
+    args: dict = field(default_factory=dict)  # the flags, saved in the checkpoint
+    progress: bool = True
+    precision: str = "auto"  # autocast dtype for convolutions and matrix products: PRECISIONS
+    channels_last: bool = True  # NHWC activations and weights (oneDNN's preferred layout)
+    compile: bool = False  # torch.compile the encoder and decoder
+    binarize: bool = False  # a fresh binarisation of every batch (dynamic binarisation)
+
+
+class StopRequested(Exception):
+    """Raised after Ctrl-C or SIGTERM once the current step is done and the state is saved."""
+
+    def __init__(self, signal_name, checkpoint_path):
+        super().__init__(signal_name)
+        self.signal_name, self.checkpoint_path = signal_name, checkpoint_path
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+class _SignalFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop polls between steps, so a step is never cut."""
+
+    def __init__(self):
+        self.name = None
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._set) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _set(self, signum, frame):
+        self.name = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+def batch_noise(model, batch, rows, generator):
+    """This process's rows of the noise for a whole global batch of `batch` images."""
+    noise = model.draw_noise(batch, generator, generator.device)
+    return {name: values[rows] for name, values in noise.items() if values is not None}
+
+
+
+# ---------------------------------------------------------------- speed (measured in bench.py)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def cpu_has_native_bf16():
+    """AVX512-BF16 or AMX: bf16 arithmetic in hardware, not emulated by conversions."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported",
+                                                          "_is_amx_tile_supported")]
+    return any(check is not None and check() for check in checks)
+
+
+def resolve_precision(precision, device):
+    """'auto' is bf16 where the hardware computes it natively, else fp32: bf16 reaches the same
+    test -ELBO as fp32 within seed-to-seed noise (docs/BENCHMARKS.md)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+
+
+def check_precision(precision, device):
+    """Raise UserError for an autocast dtype this device cannot train in."""
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError("--precision fp16 needs a CUDA device (on a CPU use bf16 or fp32)")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("--precision bf16: this CUDA device has no bf16 support (use fp16)")
+
+
+def autocast(device, precision):
+    """bf16/fp16 convolutions and matrix products; weights, BatchNorm statistics, the loss and
+    Adam stay fp32 (mixed precision, Micikevicius et al. 2018)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def make_optimizer(model, lr):
+    """Adam; the fused kernel updates every parameter in one pass instead of a dozen."""
+    try:
+        return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+    except RuntimeError:  # a device without the fused kernel
+        return torch.optim.Adam(model.parameters(), lr=lr)
+
+
+def prepare_for_training(model, settings, device):
+    """Memory layout, compilation and loss scaling; returns the fp16 GradScaler or None.
+    settings.precision 'auto' becomes the dtype it stands for here."""
+    check_precision(settings.precision, device)
+    settings.precision = resolve_precision(settings.precision, device)
+    if settings.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if settings.compile:
+        # In place, so the state_dict keys (and the checkpoints) stay those of the eager model.
+        for part in (model.encoder, model.decoder, model.final_layer):
+            part.compile()
+    return torch.amp.GradScaler("cuda") if settings.precision == "fp16" else None
+
+
+def images_on_device(images, device):
+    """The whole uint8 set on the GPU when it fits (no copy per step); else pinned host memory,
+    so each batch's copy is asynchronous. On a CPU, the tensor as it is."""
+    if device.type != "cuda":
+        return images
+    try:
+        return images.to(device)
+    except torch.cuda.OutOfMemoryError:
+        return images.pin_memory()
+
+
+def next_batch(images, idx, device, channels_last):
+    x = to_float(images[idx.to(images.device)], device)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def train_step(net, optimizer, x, kld_weight, generator, precision="fp32", scaler=None, noise=None):
+    """One Adam step on a float batch; the loss terms stay on the device (no host sync).
+
+    `net` is the model or its DistributedDataParallel wrapper (whose forward is loss)."""
+    with autocast(x.device, precision):
+        terms = net(x, kld_weight, generator, noise)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        terms["loss"].backward()
+        optimizer.step()
+    else:
+        scaler.scale(terms["loss"]).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return terms
+
+
+def batches_per_epoch(n_images, batch_size):
+    """Full batches only (BatchNorm needs more than one image); one batch if the set is smaller."""
+    return max(1, n_images // batch_size)
+
+
+def epoch_row(config, epoch, train, test, seconds, images_per_second):
+    """One CSV/history row. Column names carry units: nats for likelihoods, GenerativeZoo's
+    per-pixel MSE for --recon_loss mse."""
+    unit = "nats" if is_likelihood(config) else "mse_per_pixel"
+    row = {"epoch": epoch}
+    for split, terms in (("train", train), ("test", test)):
+        row[f"{split}_loss"] = terms["loss"]
+        row[f"{split}_recon_{unit}"] = terms["recon"]
+        row[f"{split}_kl_nats"] = terms["kl"]
+        if is_likelihood(config):
+            row[f"{split}_neg_elbo_nats"] = terms["recon"] + terms["kl"]
+    row["seconds"] = seconds
+    row["train_images_per_second"] = images_per_second
+    return row
+
+
+def describe(config, terms, kld_weight):
+    if not is_likelihood(config):
+        return (f"loss {terms['loss']:.5f} (MSE {terms['recon']:.5f}/pixel + "
+                f"{kld_weight:g} x KL {terms['kl']:.2f} nats)")
+    text = (f"-ELBO {terms['recon'] + terms['kl']:.2f} nats/image "
+            f"(recon {terms['recon']:.2f} + KL {terms['kl']:.2f})")
+    if kld_weight != 1.0:
+        text += f", objective {terms['loss']:.2f}"
+    return text
+
+
+def make_checkpoint(model, optimizer, state, settings):
+    return {
+        "format_version": FORMAT_VERSION,
+        "config": model.config.as_dict(),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": state["epoch"],
+        "step": state["step"],
+        "history": state["history"],
+        "partial": state["partial"],
+        "rng": {"shuffle_at_epoch_start": state["shuffle_at_epoch_start"],
+                "noise": state["noise_gen"].get_state()},
+        "args": settings.args,
+    }
+
+
+def check_finite_weights(model, checkpoint_path):
+    """The loss is checked before each step; this catches the last step of an epoch blowing
+    the weights up, so a checkpoint is never replaced by broken weights."""
+    if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
+        raise NonFiniteLoss(f"the weights became NaN or infinite; {checkpoint_path} keeps the "
+                            "last good weights")
+
+
+def save_outputs(model, epoch, settings, test_images, fixed_z, history):
+    """Prior samples from a fixed z, test images above their reconstructions, CSV, curves."""
+    from plots import plot_loss_curves  # matplotlib is slow to import; only needed here
+    model.eval()
+    with torch.no_grad():
+        samples = model.mean_image(model.decode(fixed_z))
+        k = min(8, test_images.shape[0])
+        x = to_float(test_images[:k], fixed_z.device)
+        pairs = torch.cat([x, model.reconstruct(x)])
+    model.train()
+    paths = {"samples": f"{settings.run_dir}/samples_epoch_{epoch:04d}.png",
+             "reconstructions": f"{settings.run_dir}/reconstructions_epoch_{epoch:04d}.png"}
+    save_image_grid(samples, paths["samples"])
+    save_image_grid(pairs, paths["reconstructions"], nrow=k)
+    write_csv(f"{settings.run_dir}/history.csv", history)
+    plot_loss_curves(history, f"{settings.run_dir}/loss_curves.png")
+    return paths
+
+
+def train(model, train_images, test_images, settings, resume=None):
+    """Train with Adam on uint8 image tensors; checkpoint, sample and log as settings say.
+
+    `resume` is a loaded checkpoint dict to continue from (same weights, optimizer, random
+    streams, history), so an interrupted run ends exactly where an uninterrupted one does."""
+    device = next(model.parameters()).device
+    scaler = prepare_for_training(model, settings, device)
+    # Before the optimizer: on CPUs it swaps BatchNorm for a synchronised one with new parameters.
+    net = distributed.data_parallel(model, device)  # `model` itself in a single process
+    optimizer = make_optimizer(model, settings.lr)
+    train_images, test_images = images_on_device(train_images, device), images_on_device(test_images, device)
+    shuffle_gen = torch.Generator().manual_seed(settings.seed)
+    state = {"epoch": 0, "step": 0, "history": [], "partial": None,
+             "noise_gen": torch.Generator(device).manual_seed(settings.seed + 1)}
+    if resume is None:
+        model.init_decoder_scale(train_images)
+    else:
+        optimizer.load_state_dict(resume["optimizer"])
+        state.update(epoch=resume["epoch"], step=resume["step"], history=list(resume["history"]),
+                     partial=resume["partial"])
+        shuffle_gen.set_state(resume["rng"]["shuffle_at_epoch_start"])
+        state["noise_gen"].set_state(resume["rng"]["noise"])
+    # A fixed prior draw, so the sample grids of successive epochs are comparable.
+    fixed_z = torch.randn((settings.num_samples, model.config.latent_dim),
+                          generator=torch.Generator().manual_seed(settings.seed + 2)).to(device)
+    n_batches = batches_per_epoch(train_images.shape[0], settings.batch_size)
+    batch = min(settings.batch_size, train_images.shape[0])
+    rows = distributed.batch_rows(batch)  # this process's share of every global batch
+    model.train()
+
+    def save():
+        check_finite_weights(model, settings.checkpoint_path)
+        distributed.on_main(lambda: atomic_torch_save(make_checkpoint(model, optimizer, state, settings),
+                                                      settings.checkpoint_path))
+
+    with _SignalFlag() as stop:
+        for epoch in range(state["epoch"] + 1, settings.n_epochs + 1):
+            state["shuffle_at_epoch_start"] = shuffle_gen.get_state()
+            order = torch.randperm(train_images.shape[0], generator=shuffle_gen)
+            first_step, partial = state["step"], state["partial"]
+            # Saved sums cover all processes, so only rank 0 resumes with them.
+            sums = (partial["sums"].to(device) if partial is not None and distributed.is_main()
+                    else torch.zeros(3, device=device, dtype=torch.float64))
+            seconds_before = partial["seconds"] if partial is not None else 0.0
+            start = time.perf_counter()
+            bar = tqdm(range(first_step, n_batches), desc=f"epoch {epoch}/{settings.n_epochs}",
+                       total=n_batches, initial=first_step, disable=not settings.progress,
+                       leave=False, unit="batch")
+            for step in bar:
+                idx = order[step * batch:(step + 1) * batch][rows]
+                x = next_batch(train_images, idx, device, settings.channels_last)
+                if settings.binarize:  # from the noise stream, so a resumed run draws the same pixels
+                    x = binarize(x, state["noise_gen"])
+                terms = train_step(net, optimizer, x, settings.kld_weight, None, settings.precision,
+                                   scaler, noise=batch_noise(model, batch, rows, state["noise_gen"]))
+                sums += torch.stack([terms["recon"].sum(), terms["kl"].sum(),
+                                     terms["loss"] * x.shape[0]]).detach().double()
+                if step % 25 == 0 or step == n_batches - 1:
+                    # The only host sync in the loop: a running loss for the bar, and an early
+                    # stop before NaN weights could ever be saved.
+                    running = distributed.all_reduce_sum(sums)[2].item() / ((step + 1) * batch)
+                    if not math.isfinite(running):
+                        raise NonFiniteLoss(f"the training loss became NaN or infinite in epoch "
+                                            f"{epoch}; {settings.checkpoint_path} keeps the last good weights")
+                    bar.set_postfix(loss=f"{running:.4g}")
+                stop_name = distributed.agreed_signal(stop.name)  # all processes stop at one step
+                if stop_name is not None and step < n_batches - 1:
+                    sums = distributed.all_reduce_sum(sums)
+                    if not torch.isfinite(sums).all():
+                        raise NonFiniteLoss(f"the training loss became NaN or infinite in epoch "
+                                            f"{epoch}; {settings.checkpoint_path} keeps the last good weights")
+                    state.update(epoch=epoch - 1, step=step + 1,
+                                 partial={"sums": sums.cpu(),
+                                          "seconds": seconds_before + time.perf_counter() - start})
+                    save()
+                    raise StopRequested(stop_name, settings.checkpoint_path)
+            bar.close()
+            sums = distributed.all_reduce_sum(sums)
+            if not torch.isfinite(sums).all():
+                raise NonFiniteLoss(f"the training loss became NaN or infinite in epoch {epoch}; "
+                                    f"{settings.checkpoint_path} keeps the last good weights")
+            seconds = seconds_before + time.perf_counter() - start
+            n_seen = n_batches * batch
+            recon, kl, loss = (sums / n_seen).tolist()
+            train_terms = {"recon": recon, "kl": kl, "loss": loss}
+            test_terms = evaluate(model, test_images, settings.batch_size, settings.kld_weight,
+                                  settings.seed)
+            row = epoch_row(model.config, epoch, train_terms, test_terms, seconds, n_seen / seconds)
+            state["history"].append(row)
+            state.update(epoch=epoch, step=0, partial=None)
+            print(f"epoch {epoch}/{settings.n_epochs}  train {describe(model.config, train_terms, settings.kld_weight)}"
+                  f"  test {describe(model.config, test_terms, settings.kld_weight)}"
+                  f"  {seconds:.1f} s, {n_seen / seconds:.0f} images/s", flush=True)
+            last = epoch == settings.n_epochs
+            stop_name = distributed.agreed_signal(stop.name)
+            if epoch % settings.sample_and_save_frequency == 0 or last or stop_name is not None:
+                state["shuffle_at_epoch_start"] = shuffle_gen.get_state()
+                save()
+                paths = distributed.on_main(
+                    lambda: save_outputs(model, epoch, settings, test_images, fixed_z, state["history"]))
+                if distributed.is_main():
+                    print(f"saved {settings.checkpoint_path}, {paths['samples']}, {paths['reconstructions']}",
+                          flush=True)
+            if stop_name is not None and not last:  # after the last epoch there is nothing to resume
+                raise StopRequested(stop_name, settings.checkpoint_path)
+    return state["history"]
