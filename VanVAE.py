@@ -9,6 +9,7 @@
 
 import argparse
 import json
+import math
 import os
 import random
 import shlex
@@ -27,44 +28,25 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
+def number_type(kind, minimum, rule, minimum_allowed=True):
+    """An argparse type: a finite int or float no smaller than `minimum` (or above it)."""
+    noun = "whole number" if kind is int else "number"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {noun}") from None
+        if not math.isfinite(value) or value < minimum or (value == minimum and not minimum_allowed):
+            raise argparse.ArgumentTypeError(f"must be {rule}, not {text}")
+        return value
+    return parse
 
 
-def positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
-    return value
-
-
-def nonnegative_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be zero or a positive number, not {text}")
-    return value
-
-
-def nonnegative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be zero or more, not {value}")
-    return value
+positive_int = number_type(int, 1, "at least 1")
+nonnegative_int = number_type(int, 0, "zero or more")
+positive_float = number_type(float, 0, "a positive number", minimum_allowed=False)
+nonnegative_float = number_type(float, 0, "zero or a positive number")
 
 
 def build_parser():
