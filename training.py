@@ -234,6 +234,11 @@ def make_checkpoint(model, optimizer, state, settings):
     }
 
 
+def non_finite_loss(epoch, settings):
+    return NonFiniteLoss(f"the training loss became NaN or infinite in epoch {epoch}; "
+                         f"{settings.checkpoint_path} keeps the last good weights")
+
+
 def check_finite_weights(model, checkpoint_path):
     """The loss is checked before each step; this catches the last step of an epoch blowing
     the weights up, so a checkpoint is never replaced by broken weights."""
@@ -323,15 +328,13 @@ def train(model, train_images, test_images, settings, resume=None):
                     # stop before NaN weights could ever be saved.
                     running = distributed.all_reduce_sum(sums)[2].item() / ((step + 1) * batch)
                     if not math.isfinite(running):
-                        raise NonFiniteLoss(f"the training loss became NaN or infinite in epoch "
-                                            f"{epoch}; {settings.checkpoint_path} keeps the last good weights")
+                        raise non_finite_loss(epoch, settings)
                     bar.set_postfix(loss=f"{running:.4g}")
                 stop_name = distributed.agreed_signal(stop.name)  # all processes stop at one step
                 if stop_name is not None and step < n_batches - 1:
                     sums = distributed.all_reduce_sum(sums)
                     if not torch.isfinite(sums).all():
-                        raise NonFiniteLoss(f"the training loss became NaN or infinite in epoch "
-                                            f"{epoch}; {settings.checkpoint_path} keeps the last good weights")
+                        raise non_finite_loss(epoch, settings)
                     state.update(epoch=epoch - 1, step=step + 1,
                                  partial={"sums": sums.cpu(),
                                           "seconds": seconds_before + time.perf_counter() - start})
@@ -340,8 +343,7 @@ def train(model, train_images, test_images, settings, resume=None):
             bar.close()
             sums = distributed.all_reduce_sum(sums)
             if not torch.isfinite(sums).all():
-                raise NonFiniteLoss(f"the training loss became NaN or infinite in epoch {epoch}; "
-                                    f"{settings.checkpoint_path} keeps the last good weights")
+                raise non_finite_loss(epoch, settings)
             seconds = seconds_before + time.perf_counter() - start
             n_seen = n_batches * batch
             recon, kl, loss = (sums / n_seen).tolist()
