@@ -70,6 +70,7 @@ def signal_on_one_rank_worker(rank, root):
     if rank == 0:
         saved = torch.load(f"{root}/ckpt.pt", weights_only=True)
         assert (saved["epoch"], saved["step"]) == (0, 3)
+    open(f"{root}/rank{rank}.done", "w").close()  # every assertion above held on this rank
 
 
 def failed_write_worker(rank):
