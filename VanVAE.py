@@ -8,18 +8,19 @@
 """
 
 import argparse
-import json
 import math
 import os
 import random
 import shlex
 import sys
 
+import checkpoint
 import data
 import distributed
 import training
 import vae
-from util import UserError, load_torch_file, seed_everything
+from training import TrainSettings
+from util import UserError, seed_everything
 
 
 class Parser(argparse.ArgumentParser):
@@ -65,23 +66,28 @@ def build_parser():
                       "report AUROC and FPR at 95%% TPR")
     p.add_argument("--dataset", choices=data.DATASETS, default=None,
                    help="dataset to train on (default: mnist)")
-    p.add_argument("--batch_size", type=positive_int, default=128,
+    p.add_argument("--batch_size", type=positive_int, default=TrainSettings.batch_size,
                    help="images per step; under torchrun the global batch, split evenly over the "
-                        "processes, so it must be a multiple of their number (default: 128)")
-    p.add_argument("--n_epochs", type=positive_int, default=100, help="epochs to train (default: 100)")
-    p.add_argument("--lr", type=positive_float, default=2e-4, help="Adam learning rate (default: 0.0002)")
-    p.add_argument("--latent_dim", type=positive_int, default=128, help="latent dimensions (default: 128)")
+                        "processes, so it must be a multiple of their number (default: %(default)s)")
+    p.add_argument("--n_epochs", type=positive_int, default=TrainSettings.n_epochs,
+                   help="epochs to train (default: %(default)s)")
+    p.add_argument("--lr", type=positive_float, default=TrainSettings.lr,
+                   help="Adam learning rate (default: %(default)s)")
+    p.add_argument("--latent_dim", type=positive_int, default=vae.VAEConfig.latent_dim,
+                   help="latent dimensions (default: %(default)s)")
     p.add_argument("--hidden_dims", type=positive_int, nargs="+", default=None,
-                   help="channels of each stride-2 conv layer (default: none given, meaning 32 64 128 256 512)")
+                   help="channels of each stride-2 conv layer (default: none given, meaning "
+                        f"{' '.join(map(str, vae.DEFAULT_HIDDEN_DIMS))})")
     p.add_argument("--checkpoint", default=None,
                    help="checkpoint path to save to (--train) or load (--sample) "
                         "(default: none, meaning <output_dir>/models/VanillaVAE/VanillaVAE_<dataset>.pt)")
-    p.add_argument("--num_samples", type=positive_int, default=16,
-                   help="images drawn from the prior per sample grid or --sample run (default: 16)")
-    p.add_argument("--sample_and_save_frequency", "--sample_and_save_freq", type=positive_int, default=5,
+    p.add_argument("--num_samples", type=positive_int, default=TrainSettings.num_samples,
+                   help="images drawn from the prior per sample grid or --sample run (default: %(default)s)")
+    p.add_argument("--sample_and_save_frequency", "--sample_and_save_freq", type=positive_int,
+                   default=TrainSettings.sample_and_save_frequency,
                    dest="sample_and_save_frequency",
                    help="save checkpoint, samples and reconstructions every this many epochs, and "
-                        "after the last (default: 5)")
+                        "after the last (default: %(default)s)")
     p.add_argument("--data_dir", default="./data", help="where datasets are found or downloaded (default: ./data)")
     p.add_argument("--output_dir", default=".",
                    help="where models/ and runs/ are written (default: . the working directory)")
@@ -91,26 +97,26 @@ def build_parser():
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
                    help="where to compute (default: auto, meaning cuda, then mps, then cpu); under "
                         "torchrun each process uses cuda:LOCAL_RANK, or the cpu")
-    p.add_argument("--recon_loss", choices=vae.RECON_LOSSES, default="bernoulli",
+    p.add_argument("--recon_loss", choices=vae.RECON_LOSSES, default=vae.VAEConfig.recon_loss,
                    help="decoder likelihood: bernoulli (BCE on [0,1] intensities), gaussian "
                         "(learned scale, dequantised 8-bit density) or mse (GenerativeZoo's per-pixel "
-                        "mean squared error) (default: bernoulli)")
-    p.add_argument("--kld_weight", type=nonnegative_float, default=1.0,
-                   help="weight of the KL term; 1 gives the true ELBO (default: 1.0; GenerativeZoo "
+                        "mean squared error) (default: %(default)s)")
+    p.add_argument("--kld_weight", type=nonnegative_float, default=TrainSettings.kld_weight,
+                   help="weight of the KL term; 1 gives the true ELBO (default: %(default)s; GenerativeZoo "
                         "uses 0.0001 with --recon_loss mse)")
     p.add_argument("--image_size", type=positive_int, default=None,
                    help="MedMNIST image size: 28, 64, 128 or 224 (default: none, meaning the "
                         "dataset's native size: 28 for MNIST, Fashion-MNIST and MedMNIST, 32 for "
                         "CIFAR-10 and SVHN)")
-    p.add_argument("--precision", choices=training.PRECISIONS, default=training.TrainSettings.precision,
+    p.add_argument("--precision", choices=training.PRECISIONS, default=TrainSettings.precision,
                    help="autocast dtype of convolutions and matrix products while training: bf16 "
                         "(CPUs with AVX512-BF16/AMX, CUDA), fp16 (CUDA only, with loss scaling), "
                         "fp32; weights, loss and Adam stay fp32 (default: auto, meaning bf16 where "
                         "the hardware has it natively, else fp32; see docs/BENCHMARKS.md)")
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction,
-                   default=training.TrainSettings.channels_last,
+                   default=TrainSettings.channels_last,
                    help="NHWC memory layout, faster with oneDNN and cuDNN (default: %(default)s)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=training.TrainSettings.compile,
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=TrainSettings.compile,
                    help="torch.compile the encoder and decoder; pays back only on long runs "
                         "(default: %(default)s)")
     p.add_argument("--threads", type=positive_int, default=None,
@@ -177,14 +183,6 @@ def set_threads(threads):
     return torch.get_num_threads()
 
 
-def default_checkpoint(output_dir, dataset):
-    return os.path.join(output_dir, "models", "VanillaVAE", f"VanillaVAE_{dataset}.pt")
-
-
-def run_dir(output_dir, dataset):
-    return os.path.join(output_dir, "runs", f"VanillaVAE_{dataset}")
-
-
 def check_writable(folder):
     try:
         os.makedirs(folder, exist_ok=True)
@@ -194,107 +192,100 @@ def check_writable(folder):
         raise UserError(f"output folder {folder} is not writable")
 
 
-def load_checkpoint(path, dataset=None, image_shape=None):
-    """Load and check a checkpoint; `dataset`/`image_shape`, where given, must agree with it."""
-    ckpt = load_torch_file(path)
-    model = vae.model_from_checkpoint(ckpt, path)
-    config = model.config
-    if dataset is not None and dataset != config.dataset:
-        raise UserError(f"{path} was trained on {config.dataset}, not --dataset {dataset}")
-    if image_shape is not None and tuple(image_shape) != config.image_shape:
-        raise UserError(f"{path} is for {config.image_shape} images, but --dataset/--image_size "
-                        f"give {tuple(image_shape)}")
-    return ckpt, model
-
-
 def run_train(args):
-    world = distributed.launched_world_size()
-    if args.batch_size % world:
-        raise UserError(f"--batch_size {args.batch_size} is the global batch and must split evenly "
-                        f"over the {world} processes torchrun started: use a multiple of {world}")
+    distributed.check_batch_splits(args.batch_size, distributed.launched_world_size())
     device = pick_device(args.device)
     training.check_precision(args.precision, device)
     with distributed.process_group(device), distributed.stdout_on_main_only():
         train_in_process_group(args, device)
 
 
+def new_or_resumed(args, dataset, path):
+    """(model, TrainingRecord, Checkpoint or None): the checkpoint's for --resume, else new
+    ones from the flags."""
+    if args.resume:
+        ckpt = checkpoint.load(path, dataset)
+        image_size = args.image_size
+        if image_size is None and dataset in data.MEDMNIST_CLASSES:
+            image_size = ckpt.model.config.image_shape[-1]  # a 64 px run resumes without --image_size
+        checkpoint.check_matches(ckpt, image_shape=data.image_shape(dataset, image_size))
+        checkpoint.check_resumable(ckpt)
+        print(f"resuming {path} after epoch {ckpt.progress['epoch']}"
+              + (f", step {ckpt.progress['step']}" if ckpt.progress["step"] else ""), flush=True)
+        return ckpt.model, ckpt.training, ckpt
+    if os.path.exists(path) and not args.overwrite:
+        raise UserError(f"{path} already exists: add --resume to continue it, --overwrite to "
+                        "start over, or --checkpoint to save elsewhere")
+    config = vae.VAEConfig(dataset=dataset, image_shape=data.image_shape(dataset, args.image_size),
+                           latent_dim=args.latent_dim,
+                           hidden_dims=tuple(args.hidden_dims or vae.DEFAULT_HIDDEN_DIMS),
+                           recon_loss=args.recon_loss)
+    if args.binarize and not vae.models_binary_pixels(config):
+        raise UserError(f"--binarize needs --recon_loss bernoulli (binary pixels), not {args.recon_loss}")
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    seed = distributed.from_main(seed)  # every process must shuffle and draw noise alike
+    seed_everything(seed)  # before the weights are drawn
+    record = checkpoint.TrainingRecord(dataset, seed, args.batch_size, args.lr, args.kld_weight,
+                                       args.binarize)
+    return vae.VanillaVAE(config), record, None
+
+
 def train_in_process_group(args, device):
     dataset = args.dataset or "mnist"
     threads = set_threads(args.threads)
-    image_shape = data.image_shape(dataset, args.image_size)
-    path = args.checkpoint or default_checkpoint(args.output_dir, dataset)
-    resume = None
-    if args.resume:
-        resume, model = load_checkpoint(path, dataset, image_shape)
-        training.check_resumable(resume, path)
-        seed = resume["args"]["seed"]
-        print(f"resuming {path} after epoch {resume['epoch']}"
-              + (f", step {resume['step']}" if resume["step"] else ""), flush=True)
-    else:
-        if os.path.exists(path) and not args.overwrite:
-            raise UserError(f"{path} already exists: add --resume to continue it, --overwrite to "
-                            "start over, or --checkpoint to save elsewhere")
-        seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
-        seed = distributed.from_main(seed)  # every process must shuffle and draw noise alike
-        seed_everything(seed)
-        if args.binarize and args.recon_loss != "bernoulli":
-            raise UserError(f"--binarize needs --recon_loss bernoulli (binary pixels), not {args.recon_loss}")
-        config = vae.VAEConfig(dataset=dataset, image_shape=image_shape, latent_dim=args.latent_dim,
-                               hidden_dims=tuple(args.hidden_dims or vae.DEFAULT_HIDDEN_DIMS),
-                               recon_loss=args.recon_loss)
-        vae.check_config(config)
-        model = vae.VanillaVAE(config)
+    path = args.checkpoint or checkpoint.default_path(args.output_dir, dataset)
+    model, record, resume = new_or_resumed(args, dataset, path)
     check_writable(os.path.dirname(os.path.abspath(path)))
-    out_dir = run_dir(args.output_dir, dataset)
+    out_dir = checkpoint.run_dir(args.output_dir, dataset)
     check_writable(out_dir)
+    image_size = model.config.image_shape[-1]
     train_images, test_images = distributed.first_on_each_machine(lambda: (
-        data.load_split(dataset, "train", args.data_dir, args.image_size)[0],
-        data.load_split(dataset, "test", args.data_dir, args.image_size)[0]))
-    binarized = resume["args"].get("binarize", False) if resume is not None else args.binarize
-    if binarized:
-        import evaluation
-        test_images = evaluation.binarize_fixed(test_images)
+        data.load_split(dataset, "train", args.data_dir, image_size)[0],
+        data.load_split(dataset, "test", args.data_dir, image_size)[0]))
+    if record.binarize:
+        test_images = data.binarize_fixed(test_images)
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{dataset}: {train_images.shape[0]} train / {test_images.shape[0]} test images of "
           f"{tuple(train_images.shape[1:])}; {n_params / 1e6:.2f} M parameters; {device}"
           f"{f' ({threads} threads)' if device.type == 'cpu' else ''}, "
-          f"{training.resolve_precision(args.precision, device)}; seed {seed}",
+          f"{training.resolve_precision(args.precision, device)}; seed {record.seed}",
           flush=True)
-    flags = {k: v for k, v in vars(args).items()}
-    flags.update(dataset=dataset, seed=seed, checkpoint=path)
-    settings = training.TrainSettings(
-        n_epochs=args.n_epochs, batch_size=args.batch_size, lr=args.lr, kld_weight=args.kld_weight,
-        sample_and_save_frequency=args.sample_and_save_frequency, num_samples=args.num_samples,
-        seed=seed, checkpoint_path=path, run_dir=out_dir, args=flags,
-        progress=sys.stderr.isatty() and distributed.is_main(), precision=args.precision,
-        channels_last=args.channels_last, compile=args.compile, binarize=binarized)
-    flags["binarize"] = binarized
-    if resume is not None:
-        # The run continues with the hyper-parameters it started with; only its length,
-        # the save frequency and the sample count may change.
-        for key in ("batch_size", "lr", "kld_weight"):
-            setattr(settings, key, resume["args"][key])
-            flags[key] = resume["args"][key]
+    # The record of the flags holds the values the run really uses: a resumed run's come back
+    # from its checkpoint, whatever the command line said.
+    config = model.config
+    flags = {**vars(args), "dataset": dataset, "seed": record.seed, "checkpoint": path,
+             "batch_size": record.batch_size, "lr": record.lr, "kld_weight": record.kld_weight,
+             "binarize": record.binarize, "latent_dim": config.latent_dim,
+             "hidden_dims": list(config.hidden_dims), "recon_loss": config.recon_loss}
+    settings = TrainSettings(
+        n_epochs=args.n_epochs, batch_size=record.batch_size, lr=record.lr,
+        kld_weight=record.kld_weight, sample_and_save_frequency=args.sample_and_save_frequency,
+        num_samples=args.num_samples, seed=record.seed, checkpoint_path=path, run_dir=out_dir,
+        flags=flags, progress=sys.stderr.isatty() and distributed.is_main(),
+        precision=args.precision, channels_last=args.channels_last, compile=args.compile,
+        binarize=record.binarize)
     training.train(model, train_images, test_images, settings, resume)
     print(f"done: {path}")
 
 
 def run_sample(args):
     import torch
+
+    import sampling
     if distributed.launched_world_size() > 1:
         raise UserError("--sample runs in one process: start it with python, not torchrun")
-    dataset_path = args.checkpoint or default_checkpoint(args.output_dir, args.dataset or "mnist")
-    _, model = load_checkpoint(dataset_path, args.dataset)
+    path = args.checkpoint or checkpoint.default_path(args.output_dir, args.dataset or "mnist")
+    model = checkpoint.load(path, args.dataset).model
     device = pick_device(args.device)
     model.to(device)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
-    out_dir = run_dir(args.output_dir, model.config.dataset)
+    out_dir = checkpoint.run_dir(args.output_dir, model.config.dataset)
     check_writable(out_dir)
     stem = os.path.join(out_dir, f"prior_samples_n{args.num_samples}_seed{seed}")
     generator = torch.Generator(device).manual_seed(seed)
-    vae.sample_to_files(model, args.num_samples, generator, stem + ".png", stem + ".pt")
-    print(f"{args.num_samples} samples from {dataset_path} (seed {seed}):")
+    sampling.sample_to_files(model, args.num_samples, generator, stem + ".png", stem + ".pt")
+    print(f"{args.num_samples} samples from {path} (seed {seed}):")
     print(f"  grid   {stem}.png")
     print(f"  tensor {stem}.pt (uint8, {args.num_samples} x {' x '.join(map(str, model.config.image_shape))})")
 
@@ -318,98 +309,48 @@ def resume_command(args, checkpoint_path, launcher="python"):
 
 
 def load_for_eval(args):
-    """The checkpoint's model on its device and the facts about its training that --eval needs."""
-    path = args.checkpoint or default_checkpoint(args.output_dir, args.dataset or "mnist")
-    ckpt, model = load_checkpoint(path, args.dataset)
-    model.to(pick_device(args.device))
-    trained = ckpt.get("args", {})
-    return path, model, trained.get("binarize", False), trained.get("kld_weight", 1.0), trained.get("image_size")
-
-
-def test_split(name, args, image_size, binarized, shape=None, binarize_seed=0):
-    images, labels = data.load_split(name, "test", args.data_dir, image_size)
-    images, labels = images[:args.eval_images], labels[:args.eval_images]
-    if shape is not None:
-        images = data.match_shape(images, shape)
-    if binarized:
-        import evaluation
-        images = evaluation.binarize_fixed(images, binarize_seed)
-    return images, labels
-
-
-def write_json(report, path):
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
+    """The checkpoint (its model on its device) and where its reports go."""
+    path = args.checkpoint or checkpoint.default_path(args.output_dir, args.dataset or "mnist")
+    ckpt = checkpoint.load(path, args.dataset)
+    ckpt.model.to(pick_device(args.device))
+    out_dir = checkpoint.run_dir(args.output_dir, ckpt.model.config.dataset)
+    check_writable(out_dir)
+    return ckpt, out_dir
 
 
 def run_eval(args):
     import evaluation
-    path, model, binarized, kld_weight, image_size = load_for_eval(args)
-    config = model.config
-    seed = args.seed if args.seed is not None else 0
-    out_dir = run_dir(args.output_dir, config.dataset)
-    check_writable(out_dir)
-    raw_images, labels = test_split(config.dataset, args, image_size, False)
-    images = evaluation.binarize_fixed(raw_images) if binarized else raw_images
-    fid_net = fid_reference = None
-    if args.fid_samples > 0:
-        import fid
-        fid_net = fid.load_network()
-        print(f"FID reference: {config.dataset} test split, {raw_images.shape[0]} images "
-              "(features cached in --data_dir after the first run)", flush=True)
-        mu, sigma, _ = fid.reference_statistics(
-            fid_net, raw_images, args.data_dir, f"{config.dataset}_{config.image_shape[-1]}px_test")
-        fid_reference = (mu, sigma, f"the {raw_images.shape[0]} {config.dataset} test images")
-    print(f"evaluating {path} on {images.shape[0]} {config.dataset} test images "
-          f"(K={args.iw_samples}, seed {seed})", flush=True)
-    report, means = evaluation.evaluate(model, images, labels, iw_samples=args.iw_samples,
-                                        kld_weight=kld_weight, binarized=binarized, seed=seed,
-                                        fid_samples=args.fid_samples, fid_reference=fid_reference,
-                                        fid_net=fid_net)
-    report["checkpoint"] = path
-    report["files"] = evaluation.save_pictures(model, images, labels, means, os.path.join(out_dir, "eval"))
-    report["files"]["json"] = os.path.join(out_dir, "eval.json")
-    write_json(report, report["files"]["json"])
-    print(evaluation.format_table(report))
+    ckpt, out_dir = load_for_eval(args)
+    config = ckpt.model.config
+    # The model's own image size, not a flag: a weights-only 64 px MedMNIST file has no flags.
+    raw_images, labels = data.load_test_images(config.dataset, args.data_dir, config.image_shape[-1],
+                                               args.eval_images)
+    images = data.binarize_fixed(raw_images) if ckpt.binarize else raw_images
+    report = evaluation.eval_report(
+        ckpt.model, images, labels, raw_images=raw_images, iw_samples=args.iw_samples,
+        kld_weight=ckpt.kld_weight, binarized=ckpt.binarize, seed=args.seed or 0,
+        fid_samples=args.fid_samples, cache_dir=args.data_dir, out_dir=out_dir, checkpoint_path=ckpt.path)
+    print(evaluation.format_eval_table(report))
     for name, file in report["files"].items():
         print(f"  {name:<16} {file}")
 
 
 def run_outlier_detection(args):
     import evaluation
-    from plots import plot_score_histograms
     if args.out_dataset is None:
         raise UserError("--outlier_detection needs --out_dataset NAME (the dataset of outliers)")
-    path, model, binarized, kld_weight, image_size = load_for_eval(args)
-    config = model.config
-    seed = args.seed if args.seed is not None else 0
-    out_dir = run_dir(args.output_dir, config.dataset)
-    check_writable(out_dir)
-    images_in, _ = test_split(config.dataset, args, image_size, binarized)
+    ckpt, out_dir = load_for_eval(args)
+    config = ckpt.model.config
+    images_in, _ = data.load_test_images(config.dataset, args.data_dir, config.image_shape[-1],
+                                         args.eval_images, binarize=ckpt.binarize)
     # A different binarisation seed, so no two images share their noise by construction.
-    images_out, _ = test_split(args.out_dataset, args, None, binarized, config.image_shape, binarize_seed=1)
-    print(f"scoring {images_in.shape[0]} {config.dataset} and {images_out.shape[0]} {args.out_dataset} "
-          f"test images with {path} (K={args.iw_samples})", flush=True)
-    scores_in = evaluation.outlier_scores(model, images_in, args.iw_samples, kld_weight, seed)
-    scores_out = evaluation.outlier_scores(model, images_out, args.iw_samples, kld_weight, seed + 1)
-    report = {"checkpoint": path, "in_dataset": config.dataset, "out_dataset": args.out_dataset,
-              "n_in": int(images_in.shape[0]), "n_out": int(images_out.shape[0]), "binarized": binarized,
-              "out_images": f"{args.out_dataset} test images brought to {config.image_shape}: RGB->grey by "
-                            "channel mean, grey->RGB by repetition, bilinear resize",
-              "positive_class_for_fpr": "in-distribution (FPR = outliers accepted at 95% of inliers accepted)",
-              "scores": evaluation.outlier_report(scores_in, scores_out), "files": {}}
-    for name in scores_in:
-        png = os.path.join(out_dir, f"outliers_{args.out_dataset}_{name}.png")
-        plot_score_histograms(scores_in[name].numpy(), scores_out[name].numpy(), config.dataset,
-                              args.out_dataset, name.replace("_", " "), png,
-                              f"{name}: AUROC {report['scores'][name]['auroc']:.3f}")
-        report["files"][name] = png
-    report["files"]["json"] = os.path.join(out_dir, f"outliers_{args.out_dataset}.json")
-    write_json(report, report["files"]["json"])
-    print(f"{'score':<40} {'AUROC':>7} {'FPR@95%TPR':>11} {'mean in':>10} {'mean out':>10}")
-    for name, r in report["scores"].items():
-        print(f"{name:<40} {r['auroc']:>7.4f} {r['fpr_at_95_tpr']:>11.4f} {r['mean_in']:>10.2f} {r['mean_out']:>10.2f}")
-    print(f"({report['out_images']}; higher score = more anomalous)")
+    images_out, _ = data.load_test_images(args.out_dataset, args.data_dir, None, args.eval_images,
+                                          config.image_shape, ckpt.binarize, binarize_seed=1)
+    report = evaluation.outlier_report(
+        ckpt.model, images_in, images_out, out_name=args.out_dataset, iw_samples=args.iw_samples,
+        kld_weight=ckpt.kld_weight, binarized=ckpt.binarize, seed=args.seed or 0, out_dir=out_dir,
+        checkpoint_path=ckpt.path)
+    print(evaluation.format_outlier_table(report))
     for name, file in report["files"].items():
         print(f"  {name:<40} {file}")
 

@@ -3,11 +3,12 @@
     python bench.py --data_dir /work/data     # real Fashion-MNIST where installed; a few minutes
     python bench.py --quick                   # a few steps: checks the script, not the speed
 
-(a) is VanVAE's own pipeline: uint8 images at native size in memory, training.next_batch and
-training.train_step (the training loop's own code), with TrainSettings' defaults for precision and
-memory layout. (b) is GenerativeZoo's, rebuilt: a torchvision dataset with per-image Resize(32),
-ToTensor and Normalize(0.5, 0.5), a DataLoader with num_workers 0, the same network at 32 px with
-its MSE loss, plain Adam and a .item() every step. Each (pipeline, images, repeat) runs in its
+(a) is VanVAE's own pipeline: uint8 images at native size in memory and training.TrainStep, the
+training loop's own step (batch, binarisation, noise, Adam step, running sums), with
+TrainSettings' defaults for precision and memory layout. (b) is GenerativeZoo's, rebuilt: a
+torchvision dataset with per-image Resize(32), ToTensor and Normalize(0.5, 0.5), a DataLoader
+with num_workers 0, the same network at 32 px with its MSE loss, plain Adam and a .item() every
+step. Each (pipeline, images, repeat) runs in its
 own process, so peak memory is its own; (a) and (b) alternate, and the table gives medians.
 """
 
@@ -30,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import datasets, transforms
 
 import data
+import metrics
 import training
 import vae
 from util import UserError
@@ -101,32 +103,28 @@ def plain_torch_layers(model):
 
 
 class VanVAEPipeline:
-    """(a): the training loop's own batch and step functions on native-size uint8 tensors."""
+    """(a): the training loop's own step (training.TrainStep) on native-size uint8 tensors."""
 
     def __init__(self, train_u8, test_u8, batch_size, device, settings):
         shape = tuple(train_u8.shape[1:])
         self.model = vae.VanillaVAE(vae.VAEConfig("bench", shape)).to(device)
         self.settings, self.device, self.batch_size = settings, device, batch_size
-        self.optimizer = training.make_optimizer(self.model, settings.lr)
-        self.scaler = training.prepare_for_training(self.model, settings, device)
+        self.step = training.TrainStep(self.model, settings, device)
+        self.precision = self.step.precision
         self.train_u8 = training.images_on_device(train_u8, device)
         self.test_u8 = training.images_on_device(test_u8, device)
-        self.noise = torch.Generator(device).manual_seed(1)
         self.order = torch.randperm(train_u8.shape[0])
         self.step_index = 0
         self.sums = torch.zeros(3, device=device, dtype=torch.float64)
 
     def train_steps(self, n):
         n_batches = self.train_u8.shape[0] // self.batch_size
+        all_rows = slice(None)  # one process: the whole batch
         for _ in range(n):
             i = self.step_index % n_batches
             self.step_index += 1
             idx = self.order[i * self.batch_size:(i + 1) * self.batch_size]
-            x = training.next_batch(self.train_u8, idx, self.device, self.settings.channels_last)
-            terms = training.train_step(self.model, self.optimizer, x, self.settings.kld_weight,
-                                   self.noise, self.settings.precision, self.scaler)
-            self.sums += torch.stack([terms["recon"].sum(), terms["kl"].sum(),
-                                      terms["loss"] * x.shape[0]]).detach().double()
+            self.sums += self.step(self.train_u8, idx, self.batch_size, all_rows)
             if self.step_index % 25 == 0:
                 self.sums[2].item()  # the loop's one host sync per 25 steps
         self.sums[2].item()
@@ -136,8 +134,8 @@ class VanVAEPipeline:
         self.model.sample(n, torch.Generator(self.device).manual_seed(2), self.device)
         self.model.train()
 
-    def evaluate(self):
-        vae.evaluate(self.model, self.test_u8, self.batch_size, self.settings.kld_weight)
+    def test_pass(self):
+        metrics.mean_elbo_terms(self.model, self.test_u8, self.settings.kld_weight, self.batch_size)
         return self.test_u8.shape[0]
 
 
@@ -181,7 +179,7 @@ class GenerativeZooPipeline:
             torch.tanh(self.model.decode(torch.randn(n, self.model.config.latent_dim, device=self.device)))
         self.model.train()
 
-    def evaluate(self):
+    def test_pass(self):
         self.model.eval()
         with torch.no_grad():
             for x, _ in DataLoader(self.test_set, batch_size=self.batch_size):
@@ -228,7 +226,7 @@ def measure(job):
     if job["pipeline"] == "a":
         settings = training.TrainSettings(batch_size=batch_size, **job["settings"])
         pipeline = VanVAEPipeline(train_u8, test_u8, batch_size, device, settings)
-        precision = settings.precision  # 'auto' resolved by training.prepare_for_training
+        precision = pipeline.precision
     else:
         train_set, test_set = generativezoo_datasets(job["image_set"], job["data_dir"], train_u8,
                                                      test_u8, source)
@@ -241,8 +239,8 @@ def measure(job):
     train_rate, train_cpu_rate = images_per_second(lambda: pipeline.train_steps(steps),
                                                    steps * batch_size, device)
     sample_rate, _ = images_per_second(lambda: pipeline.sample(job["n_sample"]), job["n_sample"], device)
-    pipeline.evaluate()  # warm-up: first eval-mode calls pick their kernels
-    eval_rate, _ = images_per_second(pipeline.evaluate, job["n_test"], device)
+    pipeline.test_pass()  # warm-up: first eval-mode calls pick their kernels
+    eval_rate, _ = images_per_second(pipeline.test_pass, job["n_test"], device)
     flops = train_flops_per_image(pipeline, batch_size)
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
@@ -301,7 +299,8 @@ def row(device, image_set, pipeline, results, peaks):
     label = {"a": "(a) VanVAE", "b": "(b) GenerativeZoo"}[pipeline]
     shape = "28 px" if pipeline == "a" and image_set == "grey28" else "32 px"
     return [device, f"{IMAGE_SETS[image_set]}, {first['source']}", f"{label} at {shape}", first["precision"],
-            f"{med['train']:.0f}", f"{med['train_cpu']:.0f}", f"{med['sample']:.0f}", f"{med['eval']:.0f}", f"{med['rss_mib']:.0f}",
+            f"{med['train']:.0f}", f"{med['train_cpu']:.0f}", f"{med['sample']:.0f}", f"{med['eval']:.0f}",
+            f"{med['rss_mib']:.0f}",
             f"{first['flops_per_image'] / 1e6:.1f}", f"{gflops:.1f}", f"{100 * peak_fraction:.0f}"]
 
 

@@ -1,4 +1,5 @@
-"""The datasets: find them on disk (or download them), and load each split once into a uint8 tensor.
+"""The datasets: find them on disk (or download them), load each split once into a uint8
+tensor, and the test-time transforms (a fixed binarisation, another dataset's shape).
 
 Every dataset is read by its own library (torchvision or medmnist) from `data_dir`:
 MNIST in data_dir/MNIST/raw, Fashion-MNIST in data_dir/FashionMNIST/raw, CIFAR-10 in
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torchvision import datasets
 
-from util import UserError
+from util import UserError, first_line
 
 DATASETS = ("mnist", "cifar10", "fashionmnist", "chestmnist", "octmnist", "tissuemnist",
             "pneumoniamnist", "svhn")
@@ -34,6 +35,7 @@ NATIVE_SHAPES = {"mnist": (1, 28, 28), "fashionmnist": (1, 28, 28),
                  "cifar10": (3, 32, 32), "svhn": (3, 32, 32)}
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+BINARIZE_TEST_SEED = 0  # every model is evaluated on the same binarisation of the test set
 
 
 def image_shape(name, image_size=None):
@@ -82,15 +84,33 @@ def load_split(name, split, data_dir, image_size=None, download=True):
     except Exception as error:  # the libraries raise anything from AssertionError to KeyError
         if _missing(needed):
             raise UserError(f"{name}: no copy in {folder} and the download failed "
-                            f"(no internet? {_first_line(error)}); run once on a machine that is "
+                            f"(no internet? {first_line(error)}); run once on a machine that is "
                             f"online and copy the files there{_how_to_get(name)}") from None
         bad_file = _unreadable_file(name, needed) or folder
-        raise UserError(f"{name}: could not read {bad_file}: {_first_line(error)}") from None
+        raise UserError(f"{name}: could not read {bad_file}: {first_line(error)}") from None
     if images.shape[1:] != shape or images.dtype != torch.uint8 or len(labels) != len(images):
         raise UserError(f"{name}: the {split} split in {data_dir} holds {tuple(images.shape)} "
                         f"{images.dtype} images and {len(labels)} labels; expected uint8 "
                         f"(N, {', '.join(map(str, shape))}) and one label per image")
     return images.contiguous(), labels
+
+
+def load_test_images(name, data_dir, image_size=None, n_images=None, shape=None, binarize=False,
+                     binarize_seed=BINARIZE_TEST_SEED):
+    """The first n_images of a test split (all if None), brought to `shape` if given and
+    binarised with a fixed seed if asked: the images --eval and --outlier_detection score."""
+    images, labels = load_split(name, "test", data_dir, image_size)
+    images, labels = images[:n_images], labels[:n_images]
+    if shape is not None:
+        images = match_shape(images, shape)
+    return (binarize_fixed(images, binarize_seed) if binarize else images), labels
+
+
+def binarize_fixed(images_uint8, seed=BINARIZE_TEST_SEED):
+    """A fixed (seeded) binarisation of uint8 images, returned as uint8 in {0, 255}: each pixel
+    is 1 with probability its intensity (Salakhutdinov and Murray 2008)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.bernoulli(images_uint8.float().div(255), generator=generator).mul(255).to(torch.uint8)
 
 
 def match_shape(images, shape):
@@ -167,7 +187,7 @@ def _copy_debian_fashion_mnist(raw_folder):
             tmp_path = None
         except (OSError, EOFError) as error:
             raise UserError(f"fashionmnist: could not copy {source} into {raw_folder}: "
-                            f"{_first_line(error)}") from None
+                            f"{first_line(error)}") from None
         finally:
             if tmp_path is not None and os.path.exists(tmp_path):
                 os.remove(tmp_path)
@@ -202,9 +222,3 @@ def _how_to_get(name):
     if name == "fashionmnist":
         return ", or `apt-get install dataset-fashion-mnist`"
     return ""
-
-
-def _first_line(error):
-    """Library errors can span many lines (medmnist prints a whole how-to); keep the gist."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__

@@ -85,24 +85,23 @@ def first_on_each_machine(work):
     downloaded dataset) instead of racing it to write them. If it fails there, every rank
     raises, so none waits."""
     first = launched_local_rank() == 0
-    result = error = None
-    if first:
-        try:
-            result = work()
-        except Exception as e:  # re-raised below, after the other ranks have heard
-            error = e
-    if any_rank(error is not None):
-        raise error if error is not None else UserError(
-            "the first process on a machine failed to load the data; see its message")
+    result = _run_then_agree(first, work, "the first process on a machine failed to load the "
+                                          "data; see its message")
     return result if first else work()
+
+
+def check_batch_splits(batch_size, world):
+    """Raise UserError unless a global batch of batch_size images splits evenly over `world`
+    processes (checked before any work, and again once the training set's size is known)."""
+    if batch_size % world:
+        raise UserError(f"a global batch of {batch_size} images does not split evenly over the "
+                        f"{world} processes torchrun started: make --batch_size a multiple of {world}")
 
 
 def batch_rows(batch_size):
     """This rank's rows of a global batch: contiguous, equal slices in rank order."""
     world = world_size()
-    if batch_size % world:
-        raise UserError(f"a global batch of {batch_size} images does not split evenly over "
-                        f"{world} processes: make --batch_size a multiple of {world}")
+    check_batch_splits(batch_size, world)
     per_rank = batch_size // world
     return slice(rank() * per_rank, (rank() + 1) * per_rank)
 
@@ -151,15 +150,20 @@ def on_main(write):
     """Call write() on rank 0 only (files are written once) and return what it returns there
     (None elsewhere); every rank returns together, and if it failed every rank raises, so
     none is left waiting for rank 0."""
+    return _run_then_agree(is_main(), write, "rank 0 failed to write its files; see its message")
+
+
+def _run_then_agree(here, work, message_elsewhere):
+    """work() where `here` is true; then every rank learns whether it failed anywhere, and
+    raises if so (the real error where it happened, UserError(message_elsewhere) elsewhere)."""
     error = result = None
-    if is_main():
+    if here:
         try:
-            result = write()
+            result = work()
         except Exception as e:  # re-raised below, after the other ranks have heard
             error = e
     if any_rank(error is not None):
-        raise error if error is not None else UserError("rank 0 failed to write its files; "
-                                                        "see its message")
+        raise error if error is not None else UserError(message_elsewhere)
     return result
 
 

@@ -1,51 +1,74 @@
 """The --eval and --outlier_detection reports: run the metrics on a model and its test images,
-draw the pictures, and lay the figures out as a table and a JSON-ready dict.
+draw the pictures, and lay the figures out as a JSON file and a printed table, both reports
+built alike (a dict with its `files`, then a format_* function for the table).
 
 Tensors in (uint8 images, labels), files and dicts out; reads no datasets itself."""
 
+import json
 import math
+import os
 import time
 
 import torch
 
 import metrics
+import sampling
+import vae
 from util import save_image_grid
 
-BINARIZE_TEST_SEED = 0  # every model is evaluated on the same binarisation of the test set
+
+def write_json(report, path):
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
 
 
-def binarize_fixed(images_uint8, seed=BINARIZE_TEST_SEED):
-    """A fixed (seeded) binarisation of uint8 images, returned as uint8 in {0, 255}."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.bernoulli(images_uint8.float().div(255), generator=generator).mul(255).to(torch.uint8)
+def eval_report(model, images, labels, *, raw_images, iw_samples, kld_weight, binarized, seed,
+                fid_samples, cache_dir, out_dir, checkpoint_path):
+    """Every --eval figure, the pictures and eval.json in out_dir; returns the report.
+
+    `images` are what the model is scored on (binarised if it was trained so); FID compares
+    prior samples with `raw_images`, whose Inception statistics are cached in cache_dir."""
+    fid_reference = None
+    if fid_samples > 0:
+        print(f"FID reference: {model.config.dataset} test split, {raw_images.shape[0]} images "
+              "(features cached in --data_dir after the first run)", flush=True)
+        fid_reference = fid_reference_statistics(model, raw_images, cache_dir)
+    print(f"evaluating {checkpoint_path} on {images.shape[0]} {model.config.dataset} test images "
+          f"(K={iw_samples}, seed {seed})", flush=True)
+    report, means = eval_figures(model, images, iw_samples=iw_samples, kld_weight=kld_weight,
+                             binarized=binarized, seed=seed, fid_samples=fid_samples,
+                             fid_reference=fid_reference)
+    report["checkpoint"] = checkpoint_path
+    report["files"] = save_pictures(model, images, labels, means, os.path.join(out_dir, "eval"))
+    report["files"]["json"] = os.path.join(out_dir, "eval.json")
+    write_json(report, report["files"]["json"])
+    return report
 
 
-def likelihood_kind(recon_loss, binarized):
-    """What the model's nats are, in words; None where there is no likelihood."""
-    if recon_loss == "mse":
-        return None
-    if recon_loss == "gaussian":
-        return "density of uniformly dequantised 8-bit data (comparable with published bits/dim)"
-    if binarized:
-        return "Bernoulli likelihood of binarised images (comparable with binarised-MNIST results)"
-    return ("Bernoulli cross-entropy on grey [0,1] intensities: NOT a likelihood of 8-bit data, "
-            "not comparable with published nats or bits/dim (train with --binarize for that)")
+def fid_reference_statistics(model, raw_images, cache_dir):
+    """(network, mu, sigma, description) of the test images FID compares samples with."""
+    import fid  # loads the Inception network's package only when FID is asked for
+    net = fid.load_network()
+    mu, sigma, _ = fid.reference_statistics(
+        net, raw_images, cache_dir, f"{model.config.dataset}_{model.config.image_shape[-1]}px_test")
+    return net, mu, sigma, f"the {raw_images.shape[0]} {model.config.dataset} test images"
 
 
-def evaluate(model, images, labels, *, iw_samples, kld_weight, binarized, seed=0,
-             fid_samples=0, fid_reference=None, fid_net=None):
-    """All figures of --eval on uint8 test `images`; fid_reference is (mu, sigma, description)."""
+def eval_figures(model, images, *, iw_samples, kld_weight, binarized, seed=0, fid_samples=0,
+             fid_reference=None):
+    """All figures of --eval on uint8 test `images`; fid_reference is
+    fid_reference_statistics()'s. Returns (report, posterior means)."""
     config = model.config
     dims = math.prod(config.image_shape)
     seconds = {}
     report = {"dataset": config.dataset, "split": "test", "n_images": int(images.shape[0]),
               "recon_loss": config.recon_loss, "binarized": binarized, "latent_dim": config.latent_dim,
-              "dims_per_image": dims, "seed": seed, "likelihood": likelihood_kind(config.recon_loss, binarized)}
+              "dims_per_image": dims, "seed": seed, "likelihood": vae.likelihood_kind(config, binarized)}
 
     start = time.perf_counter()
     recon, kl = metrics.elbo_per_image(model, images, seed=seed)
     seconds["elbo"] = time.perf_counter() - start
-    if config.recon_loss == "mse":
+    if not vae.is_likelihood(config):
         report.update(objective_per_image=float((recon + kld_weight * kl).mean()), kld_weight=kld_weight,
                       recon_mse_objective_per_pixel=float(recon.mean()), kl_nats_per_image=float(kl.mean()))
     else:
@@ -70,9 +93,10 @@ def evaluate(model, images, labels, *, iw_samples, kld_weight, binarized, seed=0
     if fid_samples > 0:
         import fid
         start = time.perf_counter()
-        samples = metrics.prior_samples_uint8(model, fid_samples, seed=seed)
-        mu, sigma = fid.statistics(fid.features(fid_net, samples).numpy())
-        ref_mu, ref_sigma, ref_description = fid_reference
+        net, ref_mu, ref_sigma, ref_description = fid_reference
+        device = next(model.parameters()).device
+        samples = sampling.prior_samples_uint8(model, fid_samples, torch.Generator(device).manual_seed(seed))
+        mu, sigma = fid.statistics(fid.features(net, samples).numpy())
         report["fid"] = fid.frechet_distance(mu, sigma, ref_mu, ref_sigma)
         report["fid_protocol"] = (f"{fid_samples} prior samples (seed {seed}) vs {ref_description}; "
                                   f"{fid.PROTOCOL}")
@@ -83,7 +107,7 @@ def evaluate(model, images, labels, *, iw_samples, kld_weight, binarized, seed=0
     return report, means
 
 
-def format_table(report):
+def format_eval_table(report):
     """The report as aligned 'figure  value  unit' lines."""
     rows = [("images evaluated", f"{report['n_images']}", f"{report['dataset']} test split"
              + (", fixed binarisation" if report["binarized"] else ""))]
@@ -165,16 +189,51 @@ def latent_plane(means):
 
 # ---------------------------------------------------------------- outlier detection
 
+def outlier_report(model, images_in, images_out, *, out_name, iw_samples, kld_weight, binarized,
+                   seed, out_dir, checkpoint_path):
+    """Score both test sets, draw the histograms and write the JSON; returns the report."""
+    from plots import plot_score_histograms  # matplotlib is slow to import; only needed here
+    in_name = model.config.dataset
+    print(f"scoring {images_in.shape[0]} {in_name} and {images_out.shape[0]} {out_name} "
+          f"test images with {checkpoint_path} (K={iw_samples})", flush=True)
+    scores_in = outlier_scores(model, images_in, iw_samples, kld_weight, seed)
+    scores_out = outlier_scores(model, images_out, iw_samples, kld_weight, seed + 1)
+    report = {"checkpoint": checkpoint_path, "in_dataset": in_name, "out_dataset": out_name,
+              "n_in": int(images_in.shape[0]), "n_out": int(images_out.shape[0]), "binarized": binarized,
+              "out_images": f"{out_name} test images brought to {model.config.image_shape}: RGB->grey by "
+                            "channel mean, grey->RGB by repetition, bilinear resize",
+              "positive_class_for_fpr": "in-distribution (FPR = outliers accepted at 95% of inliers accepted)",
+              "scores": score_figures(scores_in, scores_out), "files": {}}
+    for name in scores_in:
+        png = os.path.join(out_dir, f"outliers_{out_name}_{name}.png")
+        plot_score_histograms(scores_in[name].numpy(), scores_out[name].numpy(), in_name, out_name,
+                              name.replace("_", " "), png,
+                              f"{name}: AUROC {report['scores'][name]['auroc']:.3f}")
+        report["files"][name] = png
+    report["files"]["json"] = os.path.join(out_dir, f"outliers_{out_name}.json")
+    write_json(report, report["files"]["json"])
+    return report
+
+
+def format_outlier_table(report):
+    lines = [f"{'score':<40} {'AUROC':>7} {'FPR@95%TPR':>11} {'mean in':>10} {'mean out':>10}"]
+    for name, r in report["scores"].items():
+        lines.append(f"{name:<40} {r['auroc']:>7.4f} {r['fpr_at_95_tpr']:>11.4f} "
+                     f"{r['mean_in']:>10.2f} {r['mean_out']:>10.2f}")
+    lines.append(f"({report['out_images']}; higher score = more anomalous)")
+    return "\n".join(lines)
+
+
 def outlier_scores(model, images, iw_samples, kld_weight, seed=0):
     """{score name: per-image score, higher meaning more anomalous}."""
     recon, kl = metrics.elbo_per_image(model, images, seed=seed)
-    if model.config.recon_loss == "mse":
+    if not vae.is_likelihood(model.config):
         return {"objective": recon + kld_weight * kl}
-    return {"neg_elbo_nats": recon + kl,
-            f"iw_neg_log_likelihood_nats_K{iw_samples}": -metrics.iw_log_likelihood(model, images, iw_samples, seed=seed)}
+    neg_log_px = -metrics.iw_log_likelihood(model, images, iw_samples, seed=seed)
+    return {"neg_elbo_nats": recon + kl, f"iw_neg_log_likelihood_nats_K{iw_samples}": neg_log_px}
 
 
-def outlier_report(scores_in, scores_out):
+def score_figures(scores_in, scores_out):
     return {name: {"auroc": metrics.auroc(scores_in[name].numpy(), scores_out[name].numpy()),
                    "fpr_at_95_tpr": metrics.fpr_at_tpr(scores_in[name].numpy(), scores_out[name].numpy()),
                    "mean_in": float(scores_in[name].mean()), "mean_out": float(scores_out[name].mean())}

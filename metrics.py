@@ -4,17 +4,27 @@ log p(x), reconstruction error, active units, and outlier-detection scores (AURO
 Tensors in, numbers out; images come in as uint8 (N, C, H, W) and every routine is batched.
 This file knows no datasets and draws no pictures."""
 
+import contextlib
 import math
 
 import numpy as np
 import torch
 
+from util import to_float
+
 LOG_2PI = math.log(2 * math.pi)
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016, section 5.2
 
 
-def _to_float(images_uint8, device):
-    return images_uint8.to(device).float().div_(255)
+@contextlib.contextmanager
+def eval_mode(model):
+    """The model in eval mode (BatchNorm on its running statistics) for the block, then back."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield next(model.parameters()).device
+    finally:
+        model.train(was_training)
 
 
 def _batches(n, batch_size):
@@ -30,16 +40,23 @@ def bits_per_dim(nats_per_image, dims):
 @torch.no_grad()
 def elbo_per_image(model, images, batch_size=500, seed=0):
     """Per-image reconstruction term and KL (nats; GenerativeZoo's MSE for --recon_loss mse),
-    as float64 CPU tensors. One posterior sample per image, from a fixed seed."""
-    model.eval()
-    device = next(model.parameters()).device
-    generator = torch.Generator(device).manual_seed(seed)
-    recon, kl = [], []
-    for part in _batches(images.shape[0], batch_size):
-        terms = model.loss(_to_float(images[part], device), 1.0, generator)
-        recon.append(terms["recon"].double().cpu())
-        kl.append(terms["kl"].double().cpu())
-    return torch.cat(recon), torch.cat(kl)
+    as float64 CPU tensors: the one test-set ELBO, of the training loop and of --eval. One
+    posterior sample per image from a fixed seed, so the figure is a function of the weights."""
+    with eval_mode(model) as device:
+        generator = torch.Generator(device).manual_seed(seed)
+        recon, kl = [], []
+        for part in _batches(images.shape[0], batch_size):
+            terms = model.loss(to_float(images[part], device), 1.0, generator)
+            recon.append(terms["recon"].double())  # on the device: one copy to the host at the end
+            kl.append(terms["kl"].double())
+    return torch.cat(recon).cpu(), torch.cat(kl).cpu()
+
+
+def mean_elbo_terms(model, images, kld_weight=1.0, batch_size=500, seed=0):
+    """Per-image means of the reconstruction term, KL and objective (recon + kld_weight KL)."""
+    recon, kl = elbo_per_image(model, images, batch_size, seed)
+    return {"recon": float(recon.mean()), "kl": float(kl.mean()),
+            "loss": float((recon + kld_weight * kl).mean())}
 
 
 def _log_normal(z, mean, logvar):
@@ -55,14 +72,17 @@ def iw_log_likelihood(model, images, k, seed=0, max_decoded=2048):
     Batched over images and samples: each decoder call sees at most `max_decoded` (image,
     sample) pairs, so memory stays bounded whatever K is. For the Gaussian decoder each image
     gets one dequantisation draw, so the figure bounds the probability of the 8-bit image."""
-    model.eval()
-    device = next(model.parameters()).device
+    with eval_mode(model) as device:
+        return _iw_log_likelihood(model, images, k, seed, max_decoded, device)
+
+
+def _iw_log_likelihood(model, images, k, seed, max_decoded, device):
     generator = torch.Generator(device).manual_seed(seed)
     images_per_batch = max(1, max_decoded // k)
     samples_per_chunk = max(1, min(k, max_decoded // images_per_batch))
     out = []
     for part in _batches(images.shape[0], images_per_batch):
-        x = model.model_input(_to_float(images[part], device), generator)
+        x = model.model_input(to_float(images[part], device), generator)
         mu, logvar = model.encode(x)
         log_w = []
         for start in range(0, k, samples_per_chunk):
@@ -82,30 +102,21 @@ def iw_log_likelihood(model, images, k, seed=0, max_decoded=2048):
 @torch.no_grad()
 def posterior_means(model, images, batch_size=500):
     """E[z|x] of every image, (N, latent_dim) float32 CPU."""
-    model.eval()
-    device = next(model.parameters()).device
-    return torch.cat([model.encode(model_input_mean(model, _to_float(images[part], device)))[0].cpu()
-                      for part in _batches(images.shape[0], batch_size)])
-
-
-def model_input_mean(model, x):
-    """What the encoder sees, without dequantisation noise: the centre of each 8-bit bin."""
-    if model.config.recon_loss == "gaussian":
-        return (x * 255 + 0.5) / 256
-    return x
+    with eval_mode(model) as device:
+        return torch.cat([model.encode(model.model_input(to_float(images[part], device), u=0.5))[0].cpu()
+                          for part in _batches(images.shape[0], batch_size)])
 
 
 @torch.no_grad()
 def reconstruction_mse(model, images, batch_size=500):
     """Per-image mean squared error in [0, 1] pixel units between each image and the decoder
     mean at its posterior mean. Float64 CPU tensor."""
-    model.eval()
-    device = next(model.parameters()).device
     errors = []
-    for part in _batches(images.shape[0], batch_size):
-        x = _to_float(images[part], device)
-        mu, _ = model.encode(model_input_mean(model, x))
-        errors.append((model.mean_image(model.decode(mu)) - x).pow(2).flatten(1).mean(1).double().cpu())
+    with eval_mode(model) as device:
+        for part in _batches(images.shape[0], batch_size):
+            x = to_float(images[part], device)
+            mu, _ = model.encode(model.model_input(x, u=0.5))
+            errors.append((model.mean_image(model.decode(mu)) - x).pow(2).flatten(1).mean(1).double().cpu())
     return torch.cat(errors)
 
 
@@ -140,13 +151,3 @@ def fpr_at_tpr(scores_in, scores_out, tpr=0.95):
     scores_in, scores_out = np.sort(np.asarray(scores_in, float)), np.asarray(scores_out, float)
     threshold = scores_in[max(0, math.ceil(tpr * len(scores_in)) - 1)]
     return float((scores_out <= threshold).mean())
-
-
-@torch.no_grad()
-def prior_samples_uint8(model, n, seed=0, chunk=1000):
-    """n images decoded from z ~ N(0, I), quantised to uint8 as a saved sample would be."""
-    model.eval()
-    device = next(model.parameters()).device
-    generator = torch.Generator(device).manual_seed(seed)
-    return torch.cat([model.sample(min(chunk, n - start), generator, device).mul(255).round_()
-                      .to(torch.uint8).cpu() for start in range(0, n, chunk)])

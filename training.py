@@ -1,6 +1,7 @@
-"""Training the VAE: the loop with its checkpoints, pictures and per-epoch figures, the
-precision and memory-layout choices that make a step fast, and the signal handling that makes a
-run resumable. Tensors in, tensors out: this file never reads datasets from disk."""
+"""Training the VAE: the loop with its checkpoints, pictures and per-epoch figures, the one
+training step (which bench.py times too), the precision and memory-layout choices that make a
+step fast, and the signal handling that makes a run resumable. Tensors in, tensors out: this
+file never reads datasets from disk."""
 
 import contextlib
 import math
@@ -11,31 +12,16 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+import checkpoint
 import distributed
-from util import UserError, atomic_torch_save, save_image_grid, write_csv
-from vae import FORMAT_VERSION, binarize, evaluate, is_likelihood, to_float
+import metrics
+from util import UserError, save_image_grid, to_float, write_csv
+from vae import binarize, is_likelihood
 
 
-RESUME_KEYS = ("optimizer", "epoch", "step", "history", "partial", "rng", "args")
-
-
-def check_resumable(ckpt, path):
-    """Raise UserError unless `ckpt` (already past model_from_checkpoint) holds the training
-    state --resume needs; a weights-only file can still be sampled from."""
-    missing = [key for key in RESUME_KEYS if key not in ckpt]
-    missing += [f"rng.{key}" for key in ("shuffle_at_epoch_start", "noise")
-                if not isinstance(ckpt.get("rng"), dict) or key not in ckpt["rng"]]
-    missing += [f"args.{key}" for key in ("seed", "batch_size", "lr", "kld_weight")
-                if not isinstance(ckpt.get("args"), dict) or key not in ckpt["args"]]
-    if missing:
-        raise UserError(f"{path} holds weights but not the training state to resume "
-                        f"(missing {', '.join(missing)}); use it with --sample, or train anew")
-
-
-# ---------------------------------------------------------------- training
-
-@dataclass
+@dataclass(frozen=True)
 class TrainSettings:
+    """How to train. The command line's defaults are these, so each is written once here."""
     n_epochs: int = 100
     batch_size: int = 128
     lr: float = 2e-4
@@ -45,12 +31,17 @@ class TrainSettings:
     seed: int = 0
     checkpoint_path: str = "models/VanillaVAE/VanillaVAE_mnist.pt"
     run_dir: str = "runs/VanillaVAE_mnist"
-    args: dict = field(default_factory=dict)  # the flags, saved in the checkpoint
+    flags: dict = field(default_factory=dict)  # the command line, saved as a record only
     progress: bool = True
     precision: str = "auto"  # autocast dtype for convolutions and matrix products: PRECISIONS
     channels_last: bool = True  # NHWC activations and weights (oneDNN's preferred layout)
     compile: bool = False  # torch.compile the encoder and decoder
     binarize: bool = False  # a fresh binarisation of every batch (dynamic binarisation)
+
+    def record(self, dataset):
+        """What the checkpoint keeps of these settings, to resume and evaluate by."""
+        return checkpoint.TrainingRecord(dataset, self.seed, self.batch_size, self.lr,
+                                         self.kld_weight, self.binarize)
 
 
 class StopRequested(Exception):
@@ -81,13 +72,6 @@ class _SignalFlag:
     def __exit__(self, *exc):
         for s, handler in self._old.items():
             signal.signal(s, handler)
-
-
-def batch_noise(model, batch, rows, generator):
-    """This process's rows of the noise for a whole global batch of `batch` images."""
-    noise = model.draw_noise(batch, generator, generator.device)
-    return {name: values[rows] for name, values in noise.items() if values is not None}
-
 
 
 # ---------------------------------------------------------------- speed (measured in bench.py)
@@ -139,20 +123,6 @@ def make_optimizer(model, lr):
         return torch.optim.Adam(model.parameters(), lr=lr)
 
 
-def prepare_for_training(model, settings, device):
-    """Memory layout, compilation and loss scaling; returns the fp16 GradScaler or None.
-    settings.precision 'auto' becomes the dtype it stands for here."""
-    check_precision(settings.precision, device)
-    settings.precision = resolve_precision(settings.precision, device)
-    if settings.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if settings.compile:
-        # In place, so the state_dict keys (and the checkpoints) stay those of the eager model.
-        for part in (model.encoder, model.decoder, model.final_layer):
-            part.compile()
-    return torch.amp.GradScaler("cuda") if settings.precision == "fp16" else None
-
-
 def images_on_device(images, device):
     """The whole uint8 set on the GPU when it fits (no copy per step); else pinned host memory,
     so each batch's copy is asynchronous. On a CPU, the tensor as it is."""
@@ -169,21 +139,54 @@ def next_batch(images, idx, device, channels_last):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def train_step(net, optimizer, x, kld_weight, generator, precision="fp32", scaler=None, noise=None):
-    """One Adam step on a float batch; the loss terms stay on the device (no host sync).
+def prepare_model(model, precision, channels_last, compile_):
+    """Memory layout and compilation, in place; returns the fp16 GradScaler or None."""
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if compile_:
+        # In place, so the state_dict keys (and the checkpoints) stay those of the eager model.
+        for part in (model.encoder, model.decoder, model.final_layer):
+            part.compile()
+    return torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
-    `net` is the model or its DistributedDataParallel wrapper (whose forward is loss)."""
-    with autocast(x.device, precision):
-        terms = net(x, kld_weight, generator, noise)
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is None:
-        terms["loss"].backward()
-        optimizer.step()
-    else:
-        scaler.scale(terms["loss"]).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    return terms
+
+class TrainStep:
+    """The one training step, and what it keeps between steps: the optimizer, the fp16 loss
+    scaler and the noise generator. The loop and bench.py both call it."""
+
+    def __init__(self, model, settings, device):
+        self.model, self.settings, self.device = model, settings, device
+        check_precision(settings.precision, device)
+        self.precision = resolve_precision(settings.precision, device)
+        self.scaler = prepare_model(model, self.precision, settings.channels_last, settings.compile)
+        # Before the optimizer: on CPUs it swaps BatchNorm for a synchronised one with new parameters.
+        self.net = distributed.data_parallel(model, device)  # `model` itself in a single process
+        self.optimizer = make_optimizer(model, settings.lr)
+        self.noise_gen = torch.Generator(device).manual_seed(settings.seed + 1)
+
+    def __call__(self, images, idx, batch, rows):
+        """One Adam step on this process's `rows` of the global batch images[idx] (uint8) of
+        `batch` images; returns (recon sum, KL sum, objective x images) as float64 on the
+        device, with no host sync."""
+        x = next_batch(images, idx[rows], self.device, self.settings.channels_last)
+        if self.settings.binarize:  # from the noise stream, so a resumed run draws the same pixels
+            x = binarize(x, self.noise_gen)
+        # Each process draws the whole global batch's noise and takes its rows, so N processes
+        # see exactly the noise one process would.
+        noise = self.model.draw_noise(batch, self.noise_gen, self.noise_gen.device)
+        noise = {name: values[rows] for name, values in noise.items() if values is not None}
+        with autocast(x.device, self.precision):
+            terms = self.net(x, self.settings.kld_weight, None, noise)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            terms["loss"].backward()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(terms["loss"]).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        return torch.stack([terms["recon"].sum(), terms["kl"].sum(),
+                            terms["loss"] * x.shape[0]]).detach().double()
 
 
 def batches_per_epoch(n_images, batch_size):
@@ -216,22 +219,6 @@ def describe(config, terms, kld_weight):
     if kld_weight != 1.0:
         text += f", objective {terms['loss']:.2f}"
     return text
-
-
-def make_checkpoint(model, optimizer, state, settings):
-    return {
-        "format_version": FORMAT_VERSION,
-        "config": model.config.as_dict(),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "epoch": state["epoch"],
-        "step": state["step"],
-        "history": state["history"],
-        "partial": state["partial"],
-        "rng": {"shuffle_at_epoch_start": state["shuffle_at_epoch_start"],
-                "noise": state["noise_gen"].get_state()},
-        "args": settings.args,
-    }
 
 
 def non_finite_loss(epoch, settings):
@@ -269,37 +256,38 @@ def save_outputs(model, epoch, settings, test_images, fixed_z, history):
 def train(model, train_images, test_images, settings, resume=None):
     """Train with Adam on uint8 image tensors; checkpoint, sample and log as settings say.
 
-    `resume` is a loaded checkpoint dict to continue from (same weights, optimizer, random
+    `resume` is a loaded checkpoint.Checkpoint to continue from (same weights, optimizer, random
     streams, history), so an interrupted run ends exactly where an uninterrupted one does."""
     device = next(model.parameters()).device
-    scaler = prepare_for_training(model, settings, device)
-    # Before the optimizer: on CPUs it swaps BatchNorm for a synchronised one with new parameters.
-    net = distributed.data_parallel(model, device)  # `model` itself in a single process
-    optimizer = make_optimizer(model, settings.lr)
+    step_fn = TrainStep(model, settings, device)
     train_images, test_images = images_on_device(train_images, device), images_on_device(test_images, device)
     shuffle_gen = torch.Generator().manual_seed(settings.seed)
-    state = {"epoch": 0, "step": 0, "history": [], "partial": None,
-             "noise_gen": torch.Generator(device).manual_seed(settings.seed + 1)}
+    state = {"epoch": 0, "step": 0, "history": [], "partial": None}
     if resume is None:
         model.init_decoder_scale(train_images)
     else:
-        optimizer.load_state_dict(resume["optimizer"])
-        state.update(epoch=resume["epoch"], step=resume["step"], history=list(resume["history"]),
-                     partial=resume["partial"])
-        shuffle_gen.set_state(resume["rng"]["shuffle_at_epoch_start"])
-        state["noise_gen"].set_state(resume["rng"]["noise"])
+        progress = resume.progress
+        step_fn.optimizer.load_state_dict(progress["optimizer"])
+        state.update(epoch=progress["epoch"], step=progress["step"], history=list(progress["history"]),
+                     partial=progress["partial"])
+        shuffle_gen.set_state(progress["rng"]["shuffle_at_epoch_start"])
+        step_fn.noise_gen.set_state(progress["rng"]["noise"])
     # A fixed prior draw, so the sample grids of successive epochs are comparable.
     fixed_z = torch.randn((settings.num_samples, model.config.latent_dim),
                           generator=torch.Generator().manual_seed(settings.seed + 2)).to(device)
     n_batches = batches_per_epoch(train_images.shape[0], settings.batch_size)
     batch = min(settings.batch_size, train_images.shape[0])
     rows = distributed.batch_rows(batch)  # this process's share of every global batch
+    record = settings.record(model.config.dataset)
     model.train()
 
     def save():
         check_finite_weights(model, settings.checkpoint_path)
-        distributed.on_main(lambda: atomic_torch_save(make_checkpoint(model, optimizer, state, settings),
-                                                      settings.checkpoint_path))
+        progress = {**state, "optimizer": step_fn.optimizer.state_dict(),
+                    "rng": {"shuffle_at_epoch_start": state["shuffle_at_epoch_start"],
+                            "noise": step_fn.noise_gen.get_state()}}
+        distributed.on_main(lambda: checkpoint.save(settings.checkpoint_path, model, record, progress,
+                                                    settings.flags))
 
     with _SignalFlag() as stop:
         for epoch in range(state["epoch"] + 1, settings.n_epochs + 1):
@@ -315,14 +303,7 @@ def train(model, train_images, test_images, settings, resume=None):
                        total=n_batches, initial=first_step, disable=not settings.progress,
                        leave=False, unit="batch")
             for step in bar:
-                idx = order[step * batch:(step + 1) * batch][rows]
-                x = next_batch(train_images, idx, device, settings.channels_last)
-                if settings.binarize:  # from the noise stream, so a resumed run draws the same pixels
-                    x = binarize(x, state["noise_gen"])
-                terms = train_step(net, optimizer, x, settings.kld_weight, None, settings.precision,
-                                   scaler, noise=batch_noise(model, batch, rows, state["noise_gen"]))
-                sums += torch.stack([terms["recon"].sum(), terms["kl"].sum(),
-                                     terms["loss"] * x.shape[0]]).detach().double()
+                sums += step_fn(train_images, order[step * batch:(step + 1) * batch], batch, rows)
                 if step % 25 == 0 or step == n_batches - 1:
                     # The only host sync in the loop: a running loss for the bar, and an early
                     # stop before NaN weights could ever be saved.
@@ -348,8 +329,8 @@ def train(model, train_images, test_images, settings, resume=None):
             n_seen = n_batches * batch
             recon, kl, loss = (sums / n_seen).tolist()
             train_terms = {"recon": recon, "kl": kl, "loss": loss}
-            test_terms = evaluate(model, test_images, settings.batch_size, settings.kld_weight,
-                                  settings.seed)
+            test_terms = metrics.mean_elbo_terms(model, test_images, settings.kld_weight,
+                                                 settings.batch_size, settings.seed)
             row = epoch_row(model.config, epoch, train_terms, test_terms, seconds, n_seen / seconds)
             state["history"].append(row)
             state.update(epoch=epoch, step=0, partial=None)

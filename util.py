@@ -1,5 +1,5 @@
-"""Small shared helpers that know neither models nor datasets: the user-error type,
-checkpoint files, image grids, seeding and the per-run CSV."""
+"""Small shared helpers that know neither models nor datasets: the user-error type, atomic
+tensor files, image grids, seeding, the per-run CSV, and turning uint8 images into floats."""
 
 import csv
 import os
@@ -19,9 +19,21 @@ class UserError(Exception):
     The command line prints it as one line and exits with status 2."""
 
 
+def first_line(error):
+    """The gist of an exception's message: libraries' messages can span many lines (medmnist
+    prints a whole how-to, torch a stack of advice)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
 def seed_everything(seed):
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+def to_float(images_uint8, device):
+    """uint8 images in [0, 255] as float32 in [0, 1] on `device`."""
+    return images_uint8.to(device, non_blocking=True).float().div_(255)
 
 
 def atomic_torch_save(obj, path):
@@ -61,8 +73,8 @@ def load_torch_file(path, what="checkpoint"):
         raise UserError(f"{path} is not a VanVAE {what}: refused to load it ({_unpickling_reason(e)}); "
                         "files are read with weights_only=True, so none can run code") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a readable {what} (truncated or corrupted?): {reason}") from None
+        raise UserError(f"{path} is not a readable {what} (truncated or corrupted?): "
+                        f"{first_line(e)}") from None
 
 
 # torch wraps the real reason in advice to load with weights_only=False, which is the one
@@ -84,18 +96,9 @@ def save_image_grid(images, path, nrow=None):
     save_image(images.detach().float().cpu().clamp(0, 1), path, nrow=nrow, padding=2)
 
 
-def append_csv_row(path, row):
-    """Append one dict as a CSV row, writing the header when the file is new."""
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-
-
 def write_csv(path, rows):
-    """Rewrite a whole CSV from a list of dicts (used after resuming, so history is not doubled)."""
+    """Rewrite a whole CSV from a list of dicts, through a temporary file so a reader never
+    sees half of it (the whole history is rewritten, so a resumed run never doubles rows)."""
     tmp = path + ".tmp"
     with open(tmp, "w", newline="") as f:
         if rows:

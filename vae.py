@@ -1,6 +1,8 @@
-"""The Vanilla VAE (Kingma and Welling 2014): the model, its loss, and the routines that
-evaluate and sample it (training lives in training.py). Tensors in, tensors out: this file never
-reads datasets from disk."""
+"""The Vanilla VAE (Kingma and Welling 2014): the network, its decoder likelihoods and its ELBO.
+
+The one place that knows which decoder likelihood is in use (`recon_loss`): the rest of the
+code asks the model or the functions at the end of this file. Tensors in, tensors out: this file
+does no file I/O (checkpoint.py saves and loads models; training.py trains them)."""
 
 import math
 from dataclasses import asdict, dataclass
@@ -9,9 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from util import UserError, atomic_torch_save, save_image_grid
+from util import UserError
 
-FORMAT_VERSION = 1
 RECON_LOSSES = ("bernoulli", "gaussian", "mse")
 DEFAULT_HIDDEN_DIMS = (32, 64, 128, 256, 512)
 LOG_256 = math.log(256.0)
@@ -179,7 +180,9 @@ class VanillaVAE(nn.Module):
         """What the encoder sees and the decoder must explain, from images in [0, 1].
 
         The Gaussian decoder models uniformly dequantised 8-bit data (Theis et al. 2016), so
-        its likelihood is a bound on the discrete data's probability."""
+        its likelihood is a bound on the discrete data's probability. `u` is the dequantisation
+        noise in [0, 1): drawn from `generator` if None; u=0.5 gives the centre of each 8-bit
+        bin, what the encoder sees when no noise is wanted."""
         if self.config.recon_loss == "gaussian":
             if u is None:
                 u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -249,63 +252,23 @@ def binarize(x, generator=None):
 
 
 def is_likelihood(config):
+    """Whether the model's reconstruction term is a negative log-likelihood in nats (the mse
+    objective, GenerativeZoo's, is not)."""
     return config.recon_loss != "mse"
 
 
-# ---------------------------------------------------------------- checkpoints
-
-def model_from_checkpoint(ckpt, path):
-    """Rebuild the model a checkpoint describes, with its weights, on the CPU."""
-    if not isinstance(ckpt, dict) or "format_version" not in ckpt:
-        raise UserError(f"{path} is not a VanVAE checkpoint (no format_version)")
-    if ckpt["format_version"] != FORMAT_VERSION:
-        raise UserError(f"{path} has checkpoint format {ckpt['format_version']}; "
-                        f"this VanVAE reads format {FORMAT_VERSION}")
-    try:
-        config = VAEConfig(**ckpt["config"])
-        model = VanillaVAE(config)
-        model.load_state_dict(ckpt["model"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} does not describe a VanVAE model: {reason}") from None
-    return model
+def models_binary_pixels(config):
+    """Whether the decoder likelihood is defined on binary pixels, as --binarize needs."""
+    return config.recon_loss == "bernoulli"
 
 
-@torch.no_grad()
-def evaluate(model, images, batch_size, kld_weight=1.0, seed=0):
-    """Per-image means of the reconstruction term, KL and objective over uint8 `images`.
-
-    A fixed noise seed makes the figure a function of the weights alone."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    generator = torch.Generator(device).manual_seed(seed)
-    sums = torch.zeros(3, device=device, dtype=torch.float64)
-    for start in range(0, images.shape[0], batch_size):
-        x = to_float(images[start:start + batch_size], device)
-        terms = model.loss(x, kld_weight, generator)
-        sums += torch.stack([terms["recon"].sum(), terms["kl"].sum(),
-                             (terms["recon"] + kld_weight * terms["kl"]).sum()]).double()
-    model.train(was_training)
-    recon, kl, loss = (sums / images.shape[0]).tolist()
-    return {"recon": recon, "kl": kl, "loss": loss}
-
-
-def to_float(images_uint8, device):
-    return images_uint8.to(device, non_blocking=True).float().div_(255)
-
-
-
-def sample_to_files(model, n, generator, png_path, tensor_path, chunk=1024, max_grid=256):
-    """Draw n prior samples in chunks; save all as a uint8 (n, C, H, W) tensor file and the
-    first max_grid as a PNG grid, so memory stays small whatever n is."""
-    device = next(model.parameters()).device
-    model.eval()
-    # Filled in place: a list of chunks and a torch.cat would hold every sample twice.
-    samples = torch.empty((n, *model.config.image_shape), dtype=torch.uint8)
-    for start in range(0, n, chunk):
-        images = model.sample(min(chunk, n - start), generator, device)
-        samples[start:start + images.shape[0]] = images.mul(255).round_().to(torch.uint8).cpu()
-    save_image_grid(samples[:max_grid].float() / 255, png_path)
-    atomic_torch_save(samples, tensor_path)
-    return samples
+def likelihood_kind(config, binarized):
+    """What the model's nats are, in words; None where there is no likelihood."""
+    if not is_likelihood(config):
+        return None
+    if config.recon_loss == "gaussian":
+        return "density of uniformly dequantised 8-bit data (comparable with published bits/dim)"
+    if binarized:
+        return "Bernoulli likelihood of binarised images (comparable with binarised-MNIST results)"
+    return ("Bernoulli cross-entropy on grey [0,1] intensities: NOT a likelihood of 8-bit data, "
+            "not comparable with published nats or bits/dim (train with --binarize for that)")

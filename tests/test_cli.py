@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 import data
+import metrics
 import training
 import vae
 from fakedata import write_dataset
@@ -90,12 +92,12 @@ def test_train_writes_checkpoint_images_and_csv(trained):
 def test_checkpoint_loads_weights_only_and_holds_the_configuration(trained):
     tmp, _ = trained
     ckpt = torch.load(tmp / "out" / "models" / "VanillaVAE" / "VanillaVAE_mnist.pt", weights_only=True)
-    assert ckpt["format_version"] == vae.FORMAT_VERSION
+    assert ckpt["format_version"] == checkpoint.FORMAT_VERSION
     assert ckpt["config"] == {"dataset": "mnist", "image_shape": [1, 28, 28], "latent_dim": 4,
                               "hidden_dims": [8, 16], "recon_loss": "bernoulli"}
     assert ckpt["epoch"] == 1 and len(ckpt["history"]) == 1
     assert ckpt["args"]["seed"] == 3 and "optimizer" in ckpt
-    vae.model_from_checkpoint(ckpt, "x")
+    checkpoint.load(tmp / "out" / "models" / "VanillaVAE" / "VanillaVAE_mnist.pt")
 
 
 def test_sample_needs_only_the_checkpoint(trained):
@@ -145,10 +147,10 @@ def test_one_epoch_on_real_fashion_mnist_learns(tmp_path):
     test_images, _ = data.load_split("fashionmnist", "test", tmp_path, download=False)
     train_images, test_images = train_images[:4000], test_images[:1000]
     model = vae.VanillaVAE(vae.VAEConfig("fashionmnist", (1, 28, 28)))
-    before = vae.evaluate(model, test_images, 500)
+    before = metrics.mean_elbo_terms(model, test_images, batch_size=500)
     settings = training.TrainSettings(n_epochs=1, lr=1e-3, batch_size=64, checkpoint_path=str(tmp_path / "c.pt"),
                                  run_dir=str(tmp_path / "run"), progress=False)
     training.train(model, train_images, test_images, settings)
-    after = vae.evaluate(model, test_images, 500)
+    after = metrics.mean_elbo_terms(model, test_images, batch_size=500)
     neg_elbo_before, neg_elbo_after = before["recon"] + before["kl"], after["recon"] + after["kl"]
     assert neg_elbo_after < 0.7 * neg_elbo_before, (neg_elbo_before, neg_elbo_after)

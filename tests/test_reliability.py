@@ -24,9 +24,11 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import data
-import util
+import metrics
 import training
+import util
 import vae
 import VanVAE
 from fakedata import NoMd5CIFAR10, write_dataset
@@ -246,20 +248,20 @@ def test_a_signal_saves_and_prints_one_line_with_the_resume_command(tmp_path, lo
     path = tmp_path / CHECKPOINT
     assert f"stopped by {signal.Signals(signum).name}; saved {path}" in err
     assert "--resume" in err and f"--checkpoint {path}" in err
-    ckpt, model = VanVAE.load_checkpoint(str(path), "mnist")
-    training.check_resumable(ckpt, path)
-    assert ckpt["epoch"] >= 1  # epoch 1, or more on a machine slow to deliver the signal
+    ckpt = checkpoint.load(str(path), "mnist")
+    checkpoint.check_resumable(ckpt)
+    assert ckpt.progress["epoch"] >= 1  # epoch 1, or more on a machine slow to deliver the signal
 
 
 def test_a_signal_during_the_last_epochs_evaluation_just_finishes(capsys, monkeypatch, run_folder,
                                                                    small_data):
     """Training is complete by then: the run saves and ends as usual, with nothing to resume."""
-    real_evaluate = vae.evaluate
+    real_evaluate = metrics.mean_elbo_terms
 
     def interrupted_evaluate(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)  # handled by the loop's flag, not KeyboardInterrupt
         return real_evaluate(*args, **kwargs)
-    monkeypatch.setattr(training, "evaluate", interrupted_evaluate)
+    monkeypatch.setattr(training.metrics, "mean_elbo_terms", interrupted_evaluate)
     code, out, err = run_main(capsys, "--train", "--resume", "--data_dir", small_data,
                               "--output_dir", run_folder, "--n_epochs", 2)
     assert code == 0 and err == "", err
@@ -411,8 +413,8 @@ def write_bad_checkpoint(kind, path, good, marker):
         torch.save(torch.zeros(3), path)
     elif kind == "dict without format_version":
         torch.save({"model": {}}, path)
-    elif kind == "format version 2":
-        torch.save({**util.load_torch_file(good), "format_version": 2}, path)
+    elif kind == "a newer format version":
+        torch.save({**util.load_torch_file(good), "format_version": 99}, path)
     elif kind == "config missing a key":
         ckpt = util.load_torch_file(good)
         del ckpt["config"]["latent_dim"], ckpt["config"]["hidden_dims"]
@@ -422,7 +424,7 @@ def write_bad_checkpoint(kind, path, good, marker):
         ckpt["config"]["latent_dim"] = 5
         torch.save(ckpt, path)
     elif kind == "code in a torch file":
-        torch.save({"format_version": vae.FORMAT_VERSION, "x": evil_object(marker)}, path)
+        torch.save({"format_version": checkpoint.FORMAT_VERSION, "x": evil_object(marker)}, path)
     elif kind == "code in a raw pickle":
         path.write_bytes(pickle.dumps(evil_object(marker)))
     elif kind == "missing":
@@ -438,7 +440,7 @@ BAD_CHECKPOINTS = {  # kind -> words the one-line error must contain
     "random bytes": "is not a",
     "plain tensor": "not a VanVAE checkpoint (no format_version)",
     "dict without format_version": "not a VanVAE checkpoint (no format_version)",
-    "format version 2": "has checkpoint format 2; this VanVAE reads format 1",
+    "a newer format version": "has checkpoint format 99; this VanVAE reads formats 1 and 2",
     "config missing a key": "does not describe a VanVAE model",
     "weights of another shape": "does not describe a VanVAE model",
     "code in a torch file": "refused to load it",
@@ -492,7 +494,7 @@ def test_a_checkpoint_that_contradicts_the_flags_is_refused(capsys, run_folder, 
 def test_a_checkpoint_of_another_image_shape_is_refused(capsys, tmp_path, small_data):
     model = vae.VanillaVAE(vae.VAEConfig("mnist", (1, 32, 32), latent_dim=4, hidden_dims=(8, 16)))
     path = tmp_path / "shape32.pt"
-    torch.save({"format_version": vae.FORMAT_VERSION, "config": model.config.as_dict(),
+    torch.save({"format_version": checkpoint.FORMAT_VERSION, "config": model.config.as_dict(),
                 "model": model.state_dict()}, path)
     before = snapshot(tmp_path)
     code, _, err = run_main(capsys, "--train", "--resume", "--checkpoint", path,

@@ -1,0 +1,137 @@
+"""The checkpoint file, VanVAE's one saved format: its default place, what it holds, writing it
+atomically, reading and checking it, and reading the older format.
+
+Format 2 is a dict that torch.load(weights_only=True) reads (tensors and plain values only):
+    format_version  2
+    config          vae.VAEConfig as a dict: rebuilds the network
+    model           the network's state_dict
+    training        TrainingRecord as a dict: what a resumed run and --eval read back
+    optimizer       Adam's state_dict                               } where training stands,
+    epoch, step     epochs done, and steps done in the next one     } for --resume; absent
+    history         one dict of per-epoch figures per epoch         } from a weights-only
+    partial         a stopped epoch's running sums and seconds      } file, which samples
+    rng             shuffle_at_epoch_start and noise generator states} and evaluates only
+    args            the command line's flags: a record for people; no code reads it back
+Format 1 had no `training`: its facts sat in `args`. load() reads it and fills the record in
+from there, so every checkpoint VanVAE ever wrote still samples, evaluates and resumes."""
+
+import os
+from dataclasses import asdict, dataclass
+
+from util import UserError, atomic_torch_save, first_line, load_torch_file
+from vae import VAEConfig, VanillaVAE
+
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+PROGRESS_KEYS = ("optimizer", "epoch", "step", "history", "partial", "rng")
+
+
+@dataclass(frozen=True)
+class TrainingRecord:
+    """How the weights were trained: what --resume continues with and --eval must know.
+
+    dataset     the dataset's name (also in config, which rebuilds the network)
+    seed        the run's seed: shuffling, noise and the fixed sample grid derive from it
+    batch_size  global images per step
+    lr          Adam's learning rate
+    kld_weight  weight of the KL term in the objective (1 = the ELBO)
+    binarize    whether training saw dynamically binarised images (so --eval binarises too)"""
+    dataset: str
+    seed: int
+    batch_size: int
+    lr: float
+    kld_weight: float = 1.0
+    binarize: bool = False
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded checkpoint: its model on the CPU, its record (None for a weights-only file) and
+    the progress entries --resume needs (empty for a weights-only file)."""
+    path: str
+    model: VanillaVAE
+    training: TrainingRecord | None
+    progress: dict
+    flags: dict
+
+    # A weights-only file is evaluated as a plain, non-binarised ELBO model.
+    @property
+    def binarize(self):
+        return self.training is not None and self.training.binarize
+
+    @property
+    def kld_weight(self):
+        return self.training.kld_weight if self.training is not None else 1.0
+
+
+def default_path(output_dir, dataset):
+    return os.path.join(output_dir, "models", "VanillaVAE", f"VanillaVAE_{dataset}.pt")
+
+
+def run_dir(output_dir, dataset):
+    """The folder of a run's pictures, CSV and reports."""
+    return os.path.join(output_dir, "runs", f"VanillaVAE_{dataset}")
+
+
+def save(path, model, training, progress, flags):
+    """Write a format-2 checkpoint atomically; `progress` holds PROGRESS_KEYS."""
+    atomic_torch_save({"format_version": FORMAT_VERSION, "config": model.config.as_dict(),
+                       "model": model.state_dict(), "training": asdict(training),
+                       **{key: progress[key] for key in PROGRESS_KEYS}, "args": flags}, path)
+
+
+def load(path, dataset=None, image_shape=None):
+    """Load and check a checkpoint of any readable format; `dataset`/`image_shape`, where
+    given, must agree with it. Every problem is one UserError naming the file."""
+    raw = load_torch_file(path)
+    if not isinstance(raw, dict) or "format_version" not in raw:
+        raise UserError(f"{path} is not a VanVAE checkpoint (no format_version)")
+    if raw["format_version"] not in READABLE_VERSIONS:
+        raise UserError(f"{path} has checkpoint format {raw['format_version']}; this VanVAE reads "
+                        f"formats {' and '.join(map(str, READABLE_VERSIONS))}")
+    try:
+        model = VanillaVAE(VAEConfig(**raw["config"]))
+        model.load_state_dict(raw["model"])
+        training = _training_record(raw, model.config.dataset)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path} does not describe a VanVAE model: {first_line(e)}") from None
+    progress = {key: raw[key] for key in PROGRESS_KEYS if key in raw}
+    ckpt = Checkpoint(str(path), model, training, progress, dict(raw.get("args") or {}))
+    check_matches(ckpt, dataset, image_shape)
+    return ckpt
+
+
+def check_matches(ckpt, dataset=None, image_shape=None):
+    """Raise UserError unless the checkpoint's model is for `dataset` and `image_shape`
+    (either may be None: not checked)."""
+    config = ckpt.model.config
+    if dataset is not None and dataset != config.dataset:
+        raise UserError(f"{ckpt.path} was trained on {config.dataset}, not --dataset {dataset}")
+    if image_shape is not None and tuple(image_shape) != config.image_shape:
+        raise UserError(f"{ckpt.path} is for {config.image_shape} images, but --dataset/--image_size "
+                        f"give {tuple(image_shape)}")
+
+
+def _training_record(raw, dataset):
+    if "training" in raw:
+        return TrainingRecord(**raw["training"])
+    args = raw.get("args")
+    if not isinstance(args, dict) or not all(k in args for k in ("seed", "batch_size", "lr", "kld_weight")):
+        return None  # a weights-only format-1 file
+    # Format 1 kept these among its flags; binarize was added later, so may be absent.
+    return TrainingRecord(dataset, int(args["seed"]), int(args["batch_size"]), float(args["lr"]),
+                          float(args["kld_weight"]), bool(args.get("binarize", False)))
+
+
+def check_resumable(ckpt):
+    """Raise UserError unless `ckpt` holds the training state --resume needs; a weights-only
+    file can still be sampled from."""
+    missing = [key for key in PROGRESS_KEYS if key not in ckpt.progress]
+    rng = ckpt.progress.get("rng")
+    missing += [f"rng.{key}" for key in ("shuffle_at_epoch_start", "noise")
+                if not isinstance(rng, dict) or key not in rng]
+    if ckpt.training is None:
+        missing.append("training")
+    if missing:
+        raise UserError(f"{ckpt.path} holds weights but not the training state to resume "
+                        f"(missing {', '.join(missing)}); use it with --sample, or train anew")
