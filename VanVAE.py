@@ -17,6 +17,7 @@ import sys
 import checkpoint
 import data
 import distributed
+import images as image_files
 import training
 import vae
 from training import TrainSettings
@@ -44,6 +45,21 @@ def number_type(kind, minimum, rule, minimum_allowed=True):
     return parse
 
 
+def dataset_type(text):
+    """A named dataset, or the path of the user's images (a folder or a .npy/.npz file)."""
+    if data.is_named(text) or image_files.is_path_source(text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a dataset ({', '.join(data.DATASETS)}) "
+                                     "nor an existing folder or .npy/.npz file")
+
+
+def fraction_type(text):
+    value = number_type(float, 0, "zero or more")(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be below 1, not {text}")
+    return value
+
+
 positive_int = number_type(int, 1, "at least 1")
 nonnegative_int = number_type(int, 0, "zero or more")
 positive_float = number_type(float, 0, "a positive number", minimum_allowed=False)
@@ -64,8 +80,10 @@ def build_parser():
     mode.add_argument("--outlier_detection", action="store_true", help="score the model's test split "
                       "and --out_dataset's test split by -ELBO and the importance-weighted bound; "
                       "report AUROC and FPR at 95%% TPR")
-    p.add_argument("--dataset", choices=data.DATASETS, default=None,
-                   help="dataset to train on (default: mnist)")
+    p.add_argument("--dataset", type=dataset_type, default=None, metavar="NAME|PATH",
+                   help=f"dataset to train on: one of {', '.join(data.DATASETS)}, or your own images: "
+                        "a folder of image files (any depth; train/ and test/ subfolders are the "
+                        "splits) or a .npy/.npz array file of uint8 images (default: mnist)")
     p.add_argument("--batch_size", type=positive_int, default=TrainSettings.batch_size,
                    help="images per step; under torchrun the global batch, split evenly over the "
                         "processes, so it must be a multiple of their number (default: %(default)s)")
@@ -105,9 +123,22 @@ def build_parser():
                    help="weight of the KL term; 1 gives the true ELBO (default: %(default)s; GenerativeZoo "
                         "uses 0.0001 with --recon_loss mse)")
     p.add_argument("--image_size", type=positive_int, default=None,
-                   help="MedMNIST image size: 28, 64, 128 or 224 (default: none, meaning the "
-                        "dataset's native size: 28 for MNIST, Fashion-MNIST and MedMNIST, 32 for "
-                        "CIFAR-10 and SVHN)")
+                   help="MedMNIST image size: 28, 64, 128 or 224; for your own images, N brings "
+                        "every image to N x N (shorter side resized with antialiasing, then a "
+                        "centre crop) (default: none, meaning the dataset's native size: 28 for "
+                        "MNIST, Fashion-MNIST and MedMNIST, 32 for CIFAR-10 and SVHN; your own "
+                        "images must then share one size)")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help="with --dataset PATH: grey (1) or RGB (3); alpha is composited on white "
+                        "(default: none, meaning 1 when every image is grey, else 3)")
+    p.add_argument("--test_fraction", type=fraction_type, default=0.05,
+                   help="with --dataset PATH and no train/ and test/ subfolders (or .npz "
+                        "train/test arrays): the share held out for test, chosen by a hash of "
+                        "each file's path (or array index), so adding images moves no old one "
+                        "(default: %(default)s)")
+    p.add_argument("--strict", action="store_true",
+                   help="with --dataset PATH: stop at an unreadable image instead of skipping it "
+                        "with a warning")
     p.add_argument("--precision", choices=training.PRECISIONS, default=TrainSettings.precision,
                    help="autocast dtype of convolutions and matrix products while training: bf16 "
                         "(CPUs with AVX512-BF16/AMX, CUDA), fp16 (CUDA only, with loss scaling), "
@@ -136,7 +167,7 @@ def build_parser():
     p.add_argument("--eval_images", type=positive_int, default=None,
                    help="with --eval/--outlier_detection: use only the first this many images of each "
                         "test split (default: none, meaning all of them)")
-    p.add_argument("--out_dataset", choices=data.DATASETS, default=None,
+    p.add_argument("--out_dataset", type=dataset_type, default=None, metavar="NAME|PATH",
                    help="with --outlier_detection: the dataset whose test images are the outliers; "
                         "brought to the model's channels and size by channel mean or repetition and "
                         "bilinear resizing")
@@ -200,48 +231,95 @@ def run_train(args):
         train_in_process_group(args, device)
 
 
-def new_or_resumed(args, dataset, path):
-    """(model, TrainingRecord, Checkpoint or None): the checkpoint's for --resume, else new
-    ones from the flags."""
-    if args.resume:
-        ckpt = checkpoint.load(path, dataset)
+def load_resume(args, path):
+    """The checkpoint --resume continues, checked against the flags."""
+    ckpt = checkpoint.load(path, data.dataset_name(args.dataset) if args.dataset else None)
+    dataset = ckpt.model.config.dataset
+    if data.is_named(dataset):
         image_size = args.image_size
         if image_size is None and dataset in data.MEDMNIST_CLASSES:
             image_size = ckpt.model.config.image_shape[-1]  # a 64 px run resumes without --image_size
         checkpoint.check_matches(ckpt, image_shape=data.image_shape(dataset, image_size))
-        checkpoint.check_resumable(ckpt)
-        print(f"resuming {path} after epoch {ckpt.progress['epoch']}"
-              + (f", step {ckpt.progress['step']}" if ckpt.progress["step"] else ""), flush=True)
-        return ckpt.model, ckpt.training, ckpt
-    if os.path.exists(path) and not args.overwrite:
-        raise UserError(f"{path} already exists: add --resume to continue it, --overwrite to "
-                        "start over, or --checkpoint to save elsewhere")
-    config = vae.VAEConfig(dataset=dataset, image_shape=data.image_shape(dataset, args.image_size),
-                           latent_dim=args.latent_dim,
+    checkpoint.check_resumable(ckpt)
+    print(f"resuming {path} after epoch {ckpt.progress['epoch']}"
+          + (f", step {ckpt.progress['step']}" if ckpt.progress["step"] else ""), flush=True)
+    return ckpt
+
+
+def own_images_options(args):
+    return {"channels": args.channels, "test_fraction": args.test_fraction, "strict": args.strict}
+
+
+def load_training_data(args, resume):
+    """(train images, test images, data source) of the run's dataset: for --resume the one its
+    checkpoint names, read with the options it was read with, and refused if it changed."""
+    record = resume.training if resume is not None else None
+    source = record.data_source if record is not None else None
+    if source is None:
+        dataset = resume.model.config.dataset if resume is not None else (args.dataset or "mnist")
+        image_size = resume.model.config.image_shape[-1] if resume is not None else args.image_size
+        options = own_images_options(args)
+    else:  # the user's own images: where they were, unless --dataset says where they are now
+        dataset, image_size = args.dataset or source["path"], source["image_size"]
+        options = {**data.source_options(source), "strict": args.strict}
+    train_images, test_images, _, loaded = distributed.first_on_each_machine(
+        lambda: data.load_splits(dataset, args.data_dir, image_size, options))
+    if source is not None and loaded["fingerprint"] != source["fingerprint"]:
+        raise UserError(f"the images in {dataset} changed since this run started ({source['n_train']} "
+                        f"train / {source['n_test']} test then, {loaded['n_train']} / {loaded['n_test']} "
+                        "now, or files modified): train anew with --overwrite, or restore them")
+    if train_images.shape[0] < 2 or test_images.shape[0] < 1:
+        raise UserError(f"{dataset} gives {train_images.shape[0]} train and {test_images.shape[0]} "
+                        "test images; training needs at least 2 and 1 (add images, or a test/ "
+                        "folder, or change --test_fraction)")
+    return train_images, test_images, loaded
+
+
+def new_model(args, dataset, image_shape, source):
+    """A fresh model and its TrainingRecord from the flags."""
+    config = vae.VAEConfig(dataset=dataset, image_shape=image_shape, latent_dim=args.latent_dim,
                            hidden_dims=tuple(args.hidden_dims or vae.DEFAULT_HIDDEN_DIMS),
                            recon_loss=args.recon_loss)
-    if args.binarize and not vae.models_binary_pixels(config):
-        raise UserError(f"--binarize needs --recon_loss bernoulli (binary pixels), not {args.recon_loss}")
+    vae.check_config(config)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     seed = distributed.from_main(seed)  # every process must shuffle and draw noise alike
     seed_everything(seed)  # before the weights are drawn
     record = checkpoint.TrainingRecord(dataset, seed, args.batch_size, args.lr, args.kld_weight,
-                                       args.binarize)
-    return vae.VanillaVAE(config), record, None
+                                       args.binarize, source)
+    return vae.VanillaVAE(config), record
+
+
+def check_new_run(args, path):
+    """Before any data is read: what a new run's flags alone can tell is wrong."""
+    if os.path.exists(path) and not args.overwrite:
+        raise UserError(f"{path} already exists: add --resume to continue it, --overwrite to "
+                        "start over, or --checkpoint to save elsewhere")
+    if args.binarize and not vae.models_binary_pixels(args.recon_loss):
+        raise UserError(f"--binarize needs --recon_loss bernoulli (binary pixels), not {args.recon_loss}")
+    dataset = args.dataset or "mnist"
+    if data.is_named(dataset):
+        image_shape = data.image_shape(dataset, args.image_size)
+        vae.check_config(vae.VAEConfig(dataset, image_shape, args.latent_dim,
+                                       tuple(args.hidden_dims or vae.DEFAULT_HIDDEN_DIMS), args.recon_loss))
 
 
 def train_in_process_group(args, device):
-    dataset = args.dataset or "mnist"
     threads = set_threads(args.threads)
+    dataset = data.dataset_name(args.dataset or "mnist")
     path = args.checkpoint or checkpoint.default_path(args.output_dir, dataset)
-    model, record, resume = new_or_resumed(args, dataset, path)
+    resume = load_resume(args, path) if args.resume else None
+    if resume is None:
+        check_new_run(args, path)
+    else:
+        dataset = resume.model.config.dataset
     check_writable(os.path.dirname(os.path.abspath(path)))
     out_dir = checkpoint.run_dir(args.output_dir, dataset)
     check_writable(out_dir)
-    image_size = model.config.image_shape[-1]
-    train_images, test_images = distributed.first_on_each_machine(lambda: (
-        data.load_split(dataset, "train", args.data_dir, image_size)[0],
-        data.load_split(dataset, "test", args.data_dir, image_size)[0]))
+    train_images, test_images, source = load_training_data(args, resume)
+    if resume is None:
+        model, record = new_model(args, dataset, tuple(train_images.shape[1:]), source)
+    else:
+        model, record = resume.model, resume.training
     if record.binarize:
         test_images = data.binarize_fixed(test_images)
     model.to(device)
@@ -254,7 +332,7 @@ def train_in_process_group(args, device):
     # The record of the flags holds the values the run really uses: a resumed run's come back
     # from its checkpoint, whatever the command line said.
     config = model.config
-    flags = {**vars(args), "dataset": dataset, "seed": record.seed, "checkpoint": path,
+    flags = {**vars(args), "dataset": args.dataset or dataset, "seed": record.seed, "checkpoint": path,
              "batch_size": record.batch_size, "lr": record.lr, "kld_weight": record.kld_weight,
              "binarize": record.binarize, "latent_dim": config.latent_dim,
              "hidden_dims": list(config.hidden_dims), "recon_loss": config.recon_loss}
@@ -264,7 +342,7 @@ def train_in_process_group(args, device):
         num_samples=args.num_samples, seed=record.seed, checkpoint_path=path, run_dir=out_dir,
         flags=flags, progress=sys.stderr.isatty() and distributed.is_main(),
         precision=args.precision, channels_last=args.channels_last, compile=args.compile,
-        binarize=record.binarize)
+        binarize=record.binarize, data_source=record.data_source)
     training.train(model, train_images, test_images, settings, resume)
     print(f"done: {path}")
 
@@ -275,8 +353,8 @@ def run_sample(args):
     import sampling
     if distributed.launched_world_size() > 1:
         raise UserError("--sample runs in one process: start it with python, not torchrun")
-    path = args.checkpoint or checkpoint.default_path(args.output_dir, args.dataset or "mnist")
-    model = checkpoint.load(path, args.dataset).model
+    path = checkpoint_for(args)
+    model = checkpoint.load(path, args.dataset and data.dataset_name(args.dataset)).model
     device = pick_device(args.device)
     model.to(device)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
@@ -298,7 +376,7 @@ RESUME_FLAGS = ("n_epochs", "data_dir", "output_dir", "sample_and_save_frequency
 def resume_command(args, checkpoint_path, launcher="python"):
     """The command that continues a stopped run, repeating every such flag that was not left
     at its default (the hyper-parameters come back from the checkpoint itself)."""
-    words = ["VanVAE.py", "--train", "--resume", "--dataset", args.dataset or "mnist",
+    words = ["VanVAE.py", "--train", "--resume", *(["--dataset", args.dataset] if args.dataset else []),
              "--checkpoint", checkpoint_path]
     parser = build_parser()
     for name in RESUME_FLAGS:
@@ -308,23 +386,36 @@ def resume_command(args, checkpoint_path, launcher="python"):
     return f"{launcher} {shlex.join(words)}"
 
 
+def checkpoint_for(args):
+    """The --checkpoint path, or the default one of --dataset (mnist if none)."""
+    return args.checkpoint or checkpoint.default_path(args.output_dir, data.dataset_name(args.dataset or "mnist"))
+
+
 def load_for_eval(args):
     """The checkpoint (its model on its device) and where its reports go."""
-    path = args.checkpoint or checkpoint.default_path(args.output_dir, args.dataset or "mnist")
-    ckpt = checkpoint.load(path, args.dataset)
+    ckpt = checkpoint.load(checkpoint_for(args), args.dataset and data.dataset_name(args.dataset))
     ckpt.model.to(pick_device(args.device))
     out_dir = checkpoint.run_dir(args.output_dir, ckpt.model.config.dataset)
     check_writable(out_dir)
     return ckpt, out_dir
 
 
+def test_split_of(args, ckpt):
+    """(dataset, data_dir, image_size, own-images options) of the checkpoint's test split: the
+    named dataset at the model's own image size (a weights-only 64 px MedMNIST file has no
+    flags to say it), or the user's images read as they were for training."""
+    source = ckpt.training.data_source if ckpt.training is not None else None
+    if source is None:
+        return ckpt.model.config.dataset, args.data_dir, ckpt.model.config.image_shape[-1], None
+    return args.dataset or source["path"], args.data_dir, source["image_size"], data.source_options(source)
+
+
 def run_eval(args):
     import evaluation
     ckpt, out_dir = load_for_eval(args)
-    config = ckpt.model.config
-    # The model's own image size, not a flag: a weights-only 64 px MedMNIST file has no flags.
-    raw_images, labels = data.load_test_images(config.dataset, args.data_dir, config.image_shape[-1],
-                                               args.eval_images)
+    dataset, data_dir, image_size, own_images = test_split_of(args, ckpt)
+    raw_images, labels = data.load_test_images(dataset, data_dir, image_size, args.eval_images,
+                                               own_images=own_images)
     images = data.binarize_fixed(raw_images) if ckpt.binarize else raw_images
     report = evaluation.eval_report(
         ckpt.model, images, labels, raw_images=raw_images, iw_samples=args.iw_samples,
@@ -341,13 +432,17 @@ def run_outlier_detection(args):
         raise UserError("--outlier_detection needs --out_dataset NAME (the dataset of outliers)")
     ckpt, out_dir = load_for_eval(args)
     config = ckpt.model.config
-    images_in, _ = data.load_test_images(config.dataset, args.data_dir, config.image_shape[-1],
-                                         args.eval_images, binarize=ckpt.binarize)
-    # A different binarisation seed, so no two images share their noise by construction.
-    images_out, _ = data.load_test_images(args.out_dataset, args.data_dir, None, args.eval_images,
-                                          config.image_shape, ckpt.binarize, binarize_seed=1)
+    dataset, data_dir, image_size, own_images = test_split_of(args, ckpt)
+    images_in, _ = data.load_test_images(dataset, data_dir, image_size, args.eval_images,
+                                         binarize=ckpt.binarize, own_images=own_images)
+    # Another dataset's images are brought to the model's shape; a different binarisation seed,
+    # so no two images share their noise by construction.
+    out_size = None if data.is_named(args.out_dataset) else config.image_shape[-1]
+    images_out, _ = data.load_test_images(args.out_dataset, args.data_dir, out_size, args.eval_images,
+                                          config.image_shape, ckpt.binarize, binarize_seed=1,
+                                          every_image=True)
     report = evaluation.outlier_report(
-        ckpt.model, images_in, images_out, out_name=args.out_dataset, iw_samples=args.iw_samples,
+        ckpt.model, images_in, images_out, out_name=data.dataset_name(args.out_dataset), iw_samples=args.iw_samples,
         kld_weight=ckpt.kld_weight, binarized=ckpt.binarize, seed=args.seed or 0, out_dir=out_dir,
         checkpoint_path=ckpt.path)
     print(evaluation.format_outlier_table(report))

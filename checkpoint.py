@@ -35,13 +35,17 @@ class TrainingRecord:
     batch_size  global images per step
     lr          Adam's learning rate
     kld_weight  weight of the KL term in the objective (1 = the ELBO)
-    binarize    whether training saw dynamically binarised images (so --eval binarises too)"""
+    binarize    whether training saw dynamically binarised images (so --eval binarises too)
+    data_source None for a named dataset; for the user's own images, data.load_splits' source:
+                their path, fingerprint, image counts and shape, and the options they were read
+                with, so --eval reads the same held-out split and --resume notices a change"""
     dataset: str
     seed: int
     batch_size: int
     lr: float
     kld_weight: float = 1.0
     binarize: bool = False
+    data_source: dict | None = None
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,9 @@
 """The datasets: find them on disk (or download them), load each split once into a uint8
 tensor, and the test-time transforms (a fixed binarisation, another dataset's shape).
 
+A dataset is one of DATASETS by name, or the path of the user's own images (a folder or a
+.npy/.npz file), which images.py decodes; load_splits and load_test_images take either.
+
 Every dataset is read by its own library (torchvision or medmnist) from `data_dir`:
 MNIST in data_dir/MNIST/raw, Fashion-MNIST in data_dir/FashionMNIST/raw, CIFAR-10 in
 data_dir/cifar-10-batches-py, SVHN as data_dir/{train,test}_32x32.mat, MedMNIST as
@@ -19,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torchvision import datasets
 
+import images as image_files  # the user's own images (`images` names tensors here)
 from util import UserError, first_line
 
 DATASETS = ("mnist", "cifar10", "fashionmnist", "chestmnist", "octmnist", "tissuemnist",
@@ -36,6 +40,44 @@ NATIVE_SHAPES = {"mnist": (1, 28, 28), "fashionmnist": (1, 28, 28),
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 BINARIZE_TEST_SEED = 0  # every model is evaluated on the same binarisation of the test set
+
+
+def is_named(dataset):
+    """Whether `dataset` is one of the named datasets (else it is the path of the user's images)."""
+    return dataset in DATASETS
+
+
+def dataset_name(dataset):
+    """The name a model, checkpoint and run folder carry: the dataset's, or the folder's or
+    file's base name for the user's own images."""
+    return dataset if is_named(dataset) else image_files.source_name(dataset)
+
+
+def load_splits(dataset, data_dir, image_size=None, own_images=None):
+    """(train images, test images, test labels, source) of a named dataset or the user's images.
+
+    own_images: {"channels", "test_fraction", "strict"} for a path (None: their defaults).
+    source is None for a named dataset; for a path it describes the files and the options
+    they were read with (TrainingRecord.data_source), so the same split can be read again and a
+    changed folder noticed. Decoded user images are cached in data_dir."""
+    if is_named(dataset):
+        train = load_split(dataset, "train", data_dir, image_size)[0]
+        test, labels = load_split(dataset, "test", data_dir, image_size)
+        return train, test, labels, None
+    options = {"channels": None, "test_fraction": 0.05, "strict": False, **(own_images or {})}
+    loaded = image_files.load_source(dataset, image_size=image_size, cache_dir=data_dir, **options)
+    info = loaded["info"]
+    source = {"path": info["path"], "kind": info["kind"], "fingerprint": info["fingerprint"],
+              "n_train": int(info["n_train"]), "n_test": int(info["n_test"]),
+              "image_shape": [int(v) for v in info["image_shape"]], "image_size": image_size,
+              "channels": options["channels"], "test_fraction": float(options["test_fraction"]),
+              "classes": list(info.get("classes") or [])}
+    return loaded["train"], loaded["test"], loaded["test_labels"], source
+
+
+def source_options(source):
+    """The own_images options a recorded data_source was read with."""
+    return {"channels": source["channels"], "test_fraction": source["test_fraction"]}
 
 
 def image_shape(name, image_size=None):
@@ -95,11 +137,22 @@ def load_split(name, split, data_dir, image_size=None, download=True):
     return images.contiguous(), labels
 
 
-def load_test_images(name, data_dir, image_size=None, n_images=None, shape=None, binarize=False,
-                     binarize_seed=BINARIZE_TEST_SEED):
+def load_test_images(dataset, data_dir, image_size=None, n_images=None, shape=None, binarize=False,
+                     binarize_seed=BINARIZE_TEST_SEED, own_images=None, every_image=False):
     """The first n_images of a test split (all if None), brought to `shape` if given and
-    binarised with a fixed seed if asked: the images --eval and --outlier_detection score."""
-    images, labels = load_split(name, "test", data_dir, image_size)
+    binarised with a fixed seed if asked: the images --eval and --outlier_detection score.
+    every_image: the user's own images all count (outliers no model was trained on)."""
+    if is_named(dataset):
+        images, labels = load_split(dataset, "test", data_dir, image_size)
+    elif every_image:
+        own_images = {**(own_images or {}), "test_fraction": 0.0}
+        images, _, _, _ = load_splits(dataset, data_dir, image_size, own_images)
+        labels = torch.zeros(images.shape[0], dtype=torch.int64)
+    else:
+        _, images, labels, _ = load_splits(dataset, data_dir, image_size, own_images)
+    if images.shape[0] == 0:
+        raise UserError(f"{dataset} has no test images (a test/ folder, or a larger --test_fraction, "
+                        "gives it some)")
     images, labels = images[:n_images], labels[:n_images]
     if shape is not None:
         images = match_shape(images, shape)

@@ -300,8 +300,8 @@ def _mixed_sizes_error(where, sizes):
                        for (w, h), n in sizes.most_common(3))
     more = f", and {len(sizes) - 3} more" if len(sizes) > 3 else ""
     return UserError(f"{where}: the images come in {len(sizes)} sizes (width x height): "
-                     f"{listed}{more}; give an image size N to resize and centre-crop every "
-                     f"one to N x N")
+                     f"{listed}{more}; give an image size N (--image_size N) to resize and "
+                     f"centre-crop every one to N x N")
 
 
 # ---- one image (these run in worker processes) ----

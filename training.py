@@ -37,11 +37,12 @@ class TrainSettings:
     channels_last: bool = True  # NHWC activations and weights (oneDNN's preferred layout)
     compile: bool = False  # torch.compile the encoder and decoder
     binarize: bool = False  # a fresh binarisation of every batch (dynamic binarisation)
+    data_source: dict | None = None  # the user's own images: data.load_splits' source
 
     def record(self, dataset):
         """What the checkpoint keeps of these settings, to resume and evaluate by."""
         return checkpoint.TrainingRecord(dataset, self.seed, self.batch_size, self.lr,
-                                         self.kld_weight, self.binarize)
+                                         self.kld_weight, self.binarize, self.data_source)
 
 
 class StopRequested(Exception):

@@ -257,9 +257,9 @@ def is_likelihood(config):
     return config.recon_loss != "mse"
 
 
-def models_binary_pixels(config):
-    """Whether the decoder likelihood is defined on binary pixels, as --binarize needs."""
-    return config.recon_loss == "bernoulli"
+def models_binary_pixels(recon_loss):
+    """Whether the decoder likelihood `recon_loss` is defined on binary pixels, as --binarize needs."""
+    return recon_loss == "bernoulli"
 
 
 def likelihood_kind(config, binarized):
