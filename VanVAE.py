@@ -8,20 +8,20 @@
 """
 
 import argparse
+import contextlib
 import math
 import os
 import random
 import shlex
+import signal
 import sys
 
-import checkpoint
-import data
-import distributed
-import images as image_files
-import training
-import vae
-from training import TrainSettings
-from util import UserError, seed_everything
+import settings
+from settings import DATASETS, TrainSettings, UserError, VAEConfig
+
+# Imported by import_the_work() once the flags are checked: torch, torchvision and medmnist take
+# seconds to import, and --help or a bad flag should answer at once.
+checkpoint = data = distributed = training = util = vae = None
 
 
 class Parser(argparse.ArgumentParser):
@@ -47,9 +47,9 @@ def number_type(kind, minimum, rule, minimum_allowed=True):
 
 def dataset_type(text):
     """A named dataset, or the path of the user's images (a folder or a .npy/.npz file)."""
-    if data.is_named(text) or image_files.is_path_source(text):
+    if text in DATASETS or settings.is_path_dataset(text):
         return text
-    raise argparse.ArgumentTypeError(f"{text!r} is neither a dataset ({', '.join(data.DATASETS)}) "
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a dataset ({', '.join(DATASETS)}) "
                                      "nor an existing folder or .npy/.npz file")
 
 
@@ -67,7 +67,7 @@ nonnegative_float = number_type(float, 0, "zero or a positive number")
 
 
 def build_parser():
-    p = Parser(prog="VanVAE.py", description="Train a Vanilla VAE on an image dataset, or sample "
+    p = Parser(prog="VanVAE.py", allow_abbrev=False, description="Train a Vanilla VAE on an image dataset, or sample "
                "new images from a trained one. Every figure printed is per image, with its unit.")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--train", action="store_true", help="train a model (and save checkpoints, "
@@ -81,7 +81,7 @@ def build_parser():
                       "and --out_dataset's test split by -ELBO and the importance-weighted bound; "
                       "report AUROC and FPR at 95%% TPR")
     p.add_argument("--dataset", type=dataset_type, default=None, metavar="NAME|PATH",
-                   help=f"dataset to train on: one of {', '.join(data.DATASETS)}, or your own images: "
+                   help=f"dataset to train on: one of {', '.join(DATASETS)}, or your own images: "
                         "a folder of image files (any depth; train/ and test/ subfolders are the "
                         "splits) or a .npy/.npz array file of uint8 images (default: mnist)")
     p.add_argument("--batch_size", type=positive_int, default=TrainSettings.batch_size,
@@ -91,11 +91,11 @@ def build_parser():
                    help="epochs to train (default: %(default)s)")
     p.add_argument("--lr", type=positive_float, default=TrainSettings.lr,
                    help="Adam learning rate (default: %(default)s)")
-    p.add_argument("--latent_dim", type=positive_int, default=vae.VAEConfig.latent_dim,
+    p.add_argument("--latent_dim", type=positive_int, default=VAEConfig.latent_dim,
                    help="latent dimensions (default: %(default)s)")
     p.add_argument("--hidden_dims", type=positive_int, nargs="+", default=None,
                    help="channels of each stride-2 conv layer (default: none given, meaning "
-                        f"{' '.join(map(str, vae.DEFAULT_HIDDEN_DIMS))})")
+                        f"{' '.join(map(str, settings.DEFAULT_HIDDEN_DIMS))})")
     p.add_argument("--checkpoint", default=None,
                    help="checkpoint path to save to (--train) or load (--sample) "
                         "(default: none, meaning <output_dir>/models/VanillaVAE/VanillaVAE_<dataset>.pt)")
@@ -115,7 +115,7 @@ def build_parser():
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
                    help="where to compute (default: auto, meaning cuda, then mps, then cpu); under "
                         "torchrun each process uses cuda:LOCAL_RANK, or the cpu")
-    p.add_argument("--recon_loss", choices=vae.RECON_LOSSES, default=vae.VAEConfig.recon_loss,
+    p.add_argument("--recon_loss", choices=settings.RECON_LOSSES, default=VAEConfig.recon_loss,
                    help="decoder likelihood: bernoulli (BCE on [0,1] intensities), gaussian "
                         "(learned scale, dequantised 8-bit density) or mse (GenerativeZoo's per-pixel "
                         "mean squared error) (default: %(default)s)")
@@ -139,7 +139,7 @@ def build_parser():
     p.add_argument("--strict", action="store_true",
                    help="with --dataset PATH: stop at an unreadable image instead of skipping it "
                         "with a warning")
-    p.add_argument("--precision", choices=training.PRECISIONS, default=TrainSettings.precision,
+    p.add_argument("--precision", choices=settings.PRECISIONS, default=TrainSettings.precision,
                    help="autocast dtype of convolutions and matrix products while training: bf16 "
                         "(CPUs with AVX512-BF16/AMX, CUDA), fp16 (CUDA only, with loss scaling), "
                         "fp32; weights, loss and Adam stay fp32 (default: auto, meaning bf16 where "
@@ -214,13 +214,39 @@ def set_threads(threads):
     return torch.get_num_threads()
 
 
-def check_writable(folder):
+def check_creatable(folder):
+    """Raise UserError unless `folder` exists and is writable, or can be created; creates nothing."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"cannot create output folder {folder}: {existing} is a file")
+    if not os.access(existing, os.W_OK):
+        raise UserError(f"output folder {existing} is not writable" if existing == os.path.abspath(folder)
+                        else f"cannot create output folder {folder}: {existing} is not writable")
+
+
+@contextlib.contextmanager
+def folder_for(path):
+    """Create the folder of file `path` for the block, and remove what it created if the block
+    fails before putting anything there: a failed run leaves no empty folders behind."""
+    folder = os.path.dirname(os.path.abspath(path))
+    check_creatable(folder)
+    created = []
+    while not os.path.exists(folder):
+        created.append(folder)
+        folder = os.path.dirname(folder)
+    for new in reversed(created):
+        os.mkdir(new)
     try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create output folder {folder}: {e.strerror}") from None
-    if not os.access(folder, os.W_OK):
-        raise UserError(f"output folder {folder} is not writable")
+        yield
+    except BaseException:
+        for new in created:
+            try:
+                os.rmdir(new)  # only if empty
+            except OSError:
+                break
+        raise
 
 
 def run_train(args):
@@ -229,6 +255,11 @@ def run_train(args):
     training.check_precision(args.precision, device)
     with distributed.process_group(device), distributed.stdout_on_main_only():
         train_in_process_group(args, device)
+
+
+# Flags --resume takes from the checkpoint: given with another value, they are refused.
+RECORDED_FLAGS = ("batch_size", "lr", "kld_weight", "seed", "binarize")
+CONFIG_FLAGS = ("latent_dim", "hidden_dims", "recon_loss")
 
 
 def load_resume(args, path):
@@ -241,9 +272,26 @@ def load_resume(args, path):
             image_size = ckpt.model.config.image_shape[-1]  # a 64 px run resumes without --image_size
         checkpoint.check_matches(ckpt, image_shape=data.image_shape(dataset, image_size))
     checkpoint.check_resumable(ckpt)
-    print(f"resuming {path} after epoch {ckpt.progress['epoch']}"
-          + (f", step {ckpt.progress['step']}" if ckpt.progress["step"] else ""), flush=True)
+    check_no_contradiction(args, ckpt)
+    done, step = ckpt.progress["epoch"], ckpt.progress["step"]
+    if done >= args.n_epochs and step == 0:
+        raise UserError(f"{path} has finished {done} epoch{'s' if done != 1 else ''}: nothing to "
+                        f"resume; give --n_epochs above {done} to train it longer")
     return ckpt
+
+
+def check_no_contradiction(args, ckpt):
+    """A flag given with --resume must agree with the checkpoint, which decides."""
+    config = ckpt.model.config
+    recorded = {**{name: getattr(ckpt.training, name) for name in RECORDED_FLAGS},
+                **{name: getattr(config, name) for name in CONFIG_FLAGS}}
+    for name, value in recorded.items():
+        given = getattr(args, name)
+        if name in args.given and (tuple(given) if name == "hidden_dims" else given) != value:
+            shown = " ".join(map(str, value)) if name == "hidden_dims" else value
+            raise UserError(f"--{name} {' '.join(map(str, given)) if name == 'hidden_dims' else given} "
+                            f"contradicts {ckpt.path}, trained with {shown}: a resumed run keeps its "
+                            f"own (leave --{name} out, or start over with --overwrite)")
 
 
 def own_images_options(args):
@@ -268,24 +316,32 @@ def load_training_data(args, resume):
         raise UserError(f"the images in {dataset} changed since this run started ({source['n_train']} "
                         f"train / {source['n_test']} test then, {loaded['n_train']} / {loaded['n_test']} "
                         "now, or files modified): train anew with --overwrite, or restore them")
-    if train_images.shape[0] < 2 or test_images.shape[0] < 1:
-        raise UserError(f"{dataset} gives {train_images.shape[0]} train and {test_images.shape[0]} "
-                        "test images; training needs at least 2 and 1 (add images, or a test/ "
-                        "folder, or change --test_fraction)")
+    counts = (train_images.shape[0], test_images.shape[0])
+    if record is not None and record.n_train is not None and (record.n_train, record.n_test) != counts:
+        raise UserError(f"{resume.path} was trained on {record.n_train} train / {record.n_test} test "
+                        f"images of {dataset}; {args.data_dir} holds {counts[0]} / {counts[1]}: "
+                        "resume with the same data (--data_dir), or train anew")
+    world = distributed.world_size()
+    if counts[0] < 2 * world or counts[1] < 1:
+        raise UserError(f"{dataset} gives {counts[0]} train and {counts[1]} test images; training "
+                        f"needs at least {2 * world} and 1 (add images, or a test/ folder, or "
+                        "change --test_fraction)")
     return train_images, test_images, loaded
 
 
-def new_model(args, dataset, image_shape, source):
+def new_model(args, dataset, train_images, test_images, source):
     """A fresh model and its TrainingRecord from the flags."""
-    config = vae.VAEConfig(dataset=dataset, image_shape=image_shape, latent_dim=args.latent_dim,
+    config = vae.VAEConfig(dataset=dataset, image_shape=tuple(train_images.shape[1:]),
+                           latent_dim=args.latent_dim,
                            hidden_dims=tuple(args.hidden_dims or vae.DEFAULT_HIDDEN_DIMS),
                            recon_loss=args.recon_loss)
     vae.check_config(config)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     seed = distributed.from_main(seed)  # every process must shuffle and draw noise alike
-    seed_everything(seed)  # before the weights are drawn
+    util.seed_everything(seed)  # before the weights are drawn
     record = checkpoint.TrainingRecord(dataset, seed, args.batch_size, args.lr, args.kld_weight,
-                                       args.binarize, source)
+                                       args.binarize, source, int(train_images.shape[0]),
+                                       int(test_images.shape[0]))
     return vae.VanillaVAE(config), record
 
 
@@ -307,32 +363,40 @@ def train_in_process_group(args, device):
     threads = set_threads(args.threads)
     dataset = data.dataset_name(args.dataset or "mnist")
     path = args.checkpoint or checkpoint.default_path(args.output_dir, dataset)
-    resume = load_resume(args, path) if args.resume else None
-    if resume is None:
-        check_new_run(args, path)
-    else:
-        dataset = resume.model.config.dataset
-    check_writable(os.path.dirname(os.path.abspath(path)))
-    out_dir = checkpoint.run_dir(args.output_dir, dataset)
-    check_writable(out_dir)
-    train_images, test_images, source = load_training_data(args, resume)
-    if resume is None:
-        model, record = new_model(args, dataset, tuple(train_images.shape[1:]), source)
-    else:
-        model, record = resume.model, resume.training
+    out_dir = checkpoint.run_dir(args.output_dir, path)
+    check_creatable(out_dir)
+    # Rank 0 owns the checkpoint for the whole run: a second run on it is refused at once.
+    with folder_for(path), checkpoint.owned(path) if distributed.is_main() else contextlib.nullcontext():
+        resume = load_resume(args, path) if args.resume else None
+        if resume is None:
+            check_new_run(args, path)
+        if resume is not None:
+            print(f"resuming {path} after epoch {resume.progress['epoch']}"
+                  + (f", step {resume.progress['step']}" if resume.progress["step"] else ""), flush=True)
+        train_images, test_images, source = load_training_data(args, resume)
+        if resume is None:
+            model, record = new_model(args, dataset, train_images, test_images, source)
+        else:
+            model, record = resume.model, resume.training
+        train_with(args, device, threads, path, out_dir, model, record, train_images, test_images, resume)
+    print(f"done: {path}")
+
+
+def train_with(args, device, threads, path, out_dir, model, record, train_images, test_images, resume):
     if record.binarize:
         test_images = data.binarize_fixed(test_images)
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{dataset}: {train_images.shape[0]} train / {test_images.shape[0]} test images of "
+    config = model.config
+    print(f"{config.dataset}: {train_images.shape[0]} train / {test_images.shape[0]} test images of "
           f"{tuple(train_images.shape[1:])}; {n_params / 1e6:.2f} M parameters; {device}"
           f"{f' ({threads} threads)' if device.type == 'cpu' else ''}, "
           f"{training.resolve_precision(args.precision, device)}; seed {record.seed}",
           flush=True)
     # The record of the flags holds the values the run really uses: a resumed run's come back
     # from its checkpoint, whatever the command line said.
-    config = model.config
-    flags = {**vars(args), "dataset": args.dataset or dataset, "seed": record.seed, "checkpoint": path,
+    flags = {**{k: v for k, v in vars(args).items() if k != "given"},
+             "dataset": args.dataset or config.dataset, "seed": record.seed, "checkpoint": path,
              "batch_size": record.batch_size, "lr": record.lr, "kld_weight": record.kld_weight,
              "binarize": record.binarize, "latent_dim": config.latent_dim,
              "hidden_dims": list(config.hidden_dims), "recon_loss": config.recon_loss}
@@ -342,9 +406,9 @@ def train_in_process_group(args, device):
         num_samples=args.num_samples, seed=record.seed, checkpoint_path=path, run_dir=out_dir,
         flags=flags, progress=sys.stderr.isatty() and distributed.is_main(),
         precision=args.precision, channels_last=args.channels_last, compile=args.compile,
-        binarize=record.binarize, data_source=record.data_source)
+        binarize=record.binarize, data_source=record.data_source, n_train=record.n_train,
+        n_test=record.n_test)
     training.train(model, train_images, test_images, settings, resume)
-    print(f"done: {path}")
 
 
 def run_sample(args):
@@ -358,8 +422,8 @@ def run_sample(args):
     device = pick_device(args.device)
     model.to(device)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
-    out_dir = checkpoint.run_dir(args.output_dir, model.config.dataset)
-    check_writable(out_dir)
+    out_dir = checkpoint.run_dir(args.output_dir, path)
+    check_creatable(out_dir)
     stem = os.path.join(out_dir, f"prior_samples_n{args.num_samples}_seed{seed}")
     generator = torch.Generator(device).manual_seed(seed)
     sampling.sample_to_files(model, args.num_samples, generator, stem + ".png", stem + ".pt")
@@ -369,8 +433,9 @@ def run_sample(args):
 
 
 # Flags a resumed run does not take back from the checkpoint: where things are, how long to go on.
+# (How it computes, too: --threads and --precision change the arithmetic, so an exact resume needs them.)
 RESUME_FLAGS = ("n_epochs", "data_dir", "output_dir", "sample_and_save_frequency", "num_samples",
-                "device", "image_size")
+                "device", "image_size", "threads", "precision", "channels_last", "compile", "strict")
 
 
 def resume_command(args, checkpoint_path, launcher="python"):
@@ -381,7 +446,11 @@ def resume_command(args, checkpoint_path, launcher="python"):
     parser = build_parser()
     for name in RESUME_FLAGS:
         value = getattr(args, name)
-        if value != parser.get_default(name):
+        if value == parser.get_default(name):
+            continue
+        if isinstance(value, bool):  # a switch: --name, or --no-name for BooleanOptionalAction
+            words.append(f"--{name}" if value else f"--no-{name}")
+        else:
             words += [f"--{name}", str(value)]
     return f"{launcher} {shlex.join(words)}"
 
@@ -395,8 +464,8 @@ def load_for_eval(args):
     """The checkpoint (its model on its device) and where its reports go."""
     ckpt = checkpoint.load(checkpoint_for(args), args.dataset and data.dataset_name(args.dataset))
     ckpt.model.to(pick_device(args.device))
-    out_dir = checkpoint.run_dir(args.output_dir, ckpt.model.config.dataset)
-    check_writable(out_dir)
+    out_dir = checkpoint.run_dir(args.output_dir, ckpt.path)
+    check_creatable(out_dir)
     return ckpt, out_dir
 
 
@@ -428,8 +497,6 @@ def run_eval(args):
 
 def run_outlier_detection(args):
     import evaluation
-    if args.out_dataset is None:
-        raise UserError("--outlier_detection needs --out_dataset NAME (the dataset of outliers)")
     ckpt, out_dir = load_for_eval(args)
     config = ckpt.model.config
     dataset, data_dir, image_size, own_images = test_split_of(args, ckpt)
@@ -450,30 +517,98 @@ def run_outlier_detection(args):
         print(f"  {name:<40} {file}")
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+MODES = ("train", "sample", "eval", "outlier_detection")
+
+
+def check_flags(args):
+    """The rules between flags, checked before any import or file: one UserError each."""
+    if args.outlier_detection and args.out_dataset is None:
+        raise UserError("--outlier_detection needs --out_dataset NAME (the dataset of outliers)")
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues a checkpoint and --overwrite replaces it: give one")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; the process group comes later
+    if args.train and args.batch_size // world < 2:
+        raise UserError(f"--batch_size {args.batch_size} gives {args.batch_size // world} image(s) per "
+                        f"step{f' to each of {world} processes' if world > 1 else ''}; BatchNorm "
+                        f"needs at least 2: use --batch_size {2 * world} or more")
+    check_path_flags(args)
+
+
+def import_the_work():
+    """Import the modules that do the work, with Ctrl-C held back meanwhile: medmnist's import
+    has a bare `except:` that would swallow it. A Ctrl-C pressed then arrives right after."""
+    global checkpoint, data, distributed, training, util, vae
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        if args.train:
-            run_train(args)
-        elif args.eval:
-            run_eval(args)
-        elif args.outlier_detection:
-            run_outlier_detection(args)
-        else:
-            run_sample(args)
-    except training.StopRequested as stop:
+        import checkpoint
+        import data
+        import distributed
+        import training
+        import util
+        import vae
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def given_flags(parser, argv):
+    """The destinations of the flags written on the command line (not left at their default)."""
+    options = parser._option_string_actions  # argparse's own table of option strings
+    return {options[word.split("=", 1)[0]].dest for word in map(str, argv)
+            if word.startswith("--") and word.split("=", 1)[0] in options}
+
+
+def check_path_flags(args):
+    """Every path flag's kind, before any work: a folder where a file is wanted, a file where
+    a folder is, a link loop or a broken link is one line here, not a failure an epoch later."""
+    for flag, folder in (("--output_dir", args.output_dir), ("--data_dir", args.data_dir)):
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise UserError(f"{flag} {folder} is a file, not a folder")
+    if args.checkpoint is None:
+        return
+    if os.path.isdir(args.checkpoint):
+        raise UserError(f"--checkpoint {args.checkpoint} is a folder: give the checkpoint's file path "
+                        f"(such as {os.path.join(args.checkpoint, 'VanillaVAE_mnist.pt')})")
+    if os.path.lexists(args.checkpoint) and not os.path.exists(args.checkpoint):
+        try:
+            os.stat(args.checkpoint)
+        except OSError as e:
+            raise UserError(f"--checkpoint {args.checkpoint}: {e.strerror} (a broken or looping "
+                            "symbolic link)") from None
+    parent = os.path.dirname(os.path.abspath(args.checkpoint))
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise UserError(f"--checkpoint {args.checkpoint}: {parent} is a file, not a folder")
+
+
+def rank_words():
+    """' (rank N)' under torchrun, which announces the rank in the environment; else ''."""
+    return f" (rank {os.environ.get('RANK', '0')})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.given = given_flags(parser, sys.argv[1:] if argv is None else argv)
+    mode = next(name for name in MODES if getattr(args, name))
+    try:
+        check_flags(args)
+        import_the_work()
+        {"train": run_train, "sample": run_sample, "eval": run_eval,
+         "outlier_detection": run_outlier_detection}[mode](args)
+    except UserError as e:
+        print(f"VanVAE.py: error{rank_words()}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"VanVAE.py: --{mode} interrupted{rank_words()}"
+              + ("; nothing was saved" if mode == "train" else ""), file=sys.stderr)
+        return 130
+    except Exception as e:
+        if training is None or not isinstance(e, training.StopRequested):
+            raise
         if not distributed.is_main():
             return 130
         launcher = "torchrun <its flags>" if distributed.launched_world_size() > 1 else "python"
-        print(f"VanVAE.py: stopped by {stop.signal_name}; saved {stop.checkpoint_path}. Resume with: "
-              f"{resume_command(args, stop.checkpoint_path, launcher)}", file=sys.stderr)
-        return 130
-    except UserError as e:
-        where = f" (rank {distributed.rank()})" if distributed.launched_world_size() > 1 else ""
-        print(f"VanVAE.py: error{where}: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("VanVAE.py: interrupted before training started; nothing was saved", file=sys.stderr)
+        print(f"VanVAE.py: stopped by {e.signal_name}; saved {e.checkpoint_path}. Resume with: "
+              f"{resume_command(args, e.checkpoint_path, launcher)}", file=sys.stderr)
         return 130
     return 0
 

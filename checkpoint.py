@@ -15,6 +15,9 @@ Format 2 is a dict that torch.load(weights_only=True) reads (tensors and plain v
 Format 1 had no `training`: its facts sat in `args`. load() reads it and fills the record in
 from there, so every checkpoint VanVAE ever wrote still samples, evaluates and resumes."""
 
+import contextlib
+import fcntl
+import hashlib
 import os
 from dataclasses import asdict, dataclass
 
@@ -38,7 +41,9 @@ class TrainingRecord:
     binarize    whether training saw dynamically binarised images (so --eval binarises too)
     data_source None for a named dataset; for the user's own images, data.load_splits' source:
                 their path, fingerprint, image counts and shape, and the options they were read
-                with, so --eval reads the same held-out split and --resume notices a change"""
+                with, so --eval reads the same held-out split and --resume notices a change
+    n_train     training images (None in format 1), so --resume refuses other data
+    n_test      test images (None in format 1)"""
     dataset: str
     seed: int
     batch_size: int
@@ -46,6 +51,8 @@ class TrainingRecord:
     kld_weight: float = 1.0
     binarize: bool = False
     data_source: dict | None = None
+    n_train: int | None = None
+    n_test: int | None = None
 
 
 @dataclass(frozen=True)
@@ -72,9 +79,57 @@ def default_path(output_dir, dataset):
     return os.path.join(output_dir, "models", "VanillaVAE", f"VanillaVAE_{dataset}.pt")
 
 
-def run_dir(output_dir, dataset):
-    """The folder of a run's pictures, CSV and reports."""
-    return os.path.join(output_dir, "runs", f"VanillaVAE_{dataset}")
+def run_dir(output_dir, checkpoint_path):
+    """The folder of a checkpoint's pictures, CSV, samples and reports, one per checkpoint:
+    runs/<file name without .pt> for a checkpoint at its default place, and for any other
+    runs/<file name>-<8 hex digits of its absolute path>, so two checkpoints of one name in
+    different folders never share one."""
+    stem = os.path.splitext(os.path.basename(checkpoint_path))[0]
+    where = os.path.dirname(os.path.abspath(checkpoint_path))
+    if where != os.path.abspath(os.path.dirname(default_path(output_dir, "x"))):
+        stem += "-" + hashlib.sha1(os.path.abspath(checkpoint_path).encode()).hexdigest()[:8]
+    return os.path.join(output_dir, "runs", stem)
+
+
+@contextlib.contextmanager
+def owned(path):
+    """Hold the checkpoint at `path` for this process for the block: a second run that asks
+    for it is refused at once. The lock is flock() on a hidden file beside it, which the kernel
+    releases if the process dies, even by kill -9."""
+    lock_path = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.lock")
+    fd = _lock(lock_path, path)
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(lock_path)  # before the release, so a waiting opener sees a new file
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def _lock(lock_path, path):
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise UserError(f"cannot lock {path} ({lock_path}: {e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(f"{path} is in use by another VanVAE run (process {holder}): wait for "
+                            "it to end, or give another --checkpoint") from None
+        try:
+            same_file = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same_file = False
+        if same_file:  # else the holder removed it between our open and our lock: try again
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)
 
 
 def save(path, model, training, progress, flags):

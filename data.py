@@ -23,10 +23,9 @@ import torch.nn.functional as F
 from torchvision import datasets
 
 import images as image_files  # the user's own images (`images` names tensors here)
+from settings import DATASETS
 from util import UserError, first_line
 
-DATASETS = ("mnist", "cifar10", "fashionmnist", "chestmnist", "octmnist", "tissuemnist",
-            "pneumoniamnist", "svhn")
 MEDMNIST_SIZES = (28, 64, 128, 224)
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
 

@@ -5,9 +5,8 @@ and test. It knows no model, no command-line flag and no named dataset (data.py 
 raises UserError worded without flag names, and the caller words it for its own interface.
 
 Public interface
-- is_path_source(text) -> bool: whether a dataset argument looks like a path (it holds a path
-  separator, ends in .npy/.npz, or exists on disk). Test the known dataset names first: a folder
-  called "mnist" in the working directory would otherwise win.
+- (settings.is_path_dataset tells whether a dataset argument is such a path: test the known
+  dataset names first, or a folder called "mnist" in the working directory would win.)
 - source_name(path) -> str: the folder's name or the file's stem, reduced to [A-Za-z0-9_.-].
 - load_source(path, ...) -> {"train", "test": uint8 (N, C, H, W) contiguous; "train_labels",
   "test_labels": int64 (N,); "info": dict}. Its docstring lists the keys of "info".
@@ -67,10 +66,10 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from settings import ARRAY_EXTENSIONS
 from util import UserError, atomic_torch_save, load_torch_file
 
 FORMAT_VERSION = 1  # bump when decoding changes, so caches of the old decoding are not reused
-ARRAY_EXTENSIONS = (".npy", ".npz")
 # Formats Pillow registers but cannot decode without outside programs (EPS, WMF), or whose
 # files are data rather than pictures (HDF5 and GRIB files often sit beside images).
 _NOT_PICTURES = {"BUFR", "EPS", "GRIB", "HDF5", "IPTC", "MPEG", "WMF"}
@@ -83,14 +82,6 @@ EXIF_ORIENTATION = 0x0112
 SERIAL_BELOW_FILES = 512  # below this, starting worker processes costs more than it saves
 SKIPPED_NAMED = 3  # how many unreadable files one warning line names
 ROWS_PER_COPY = 4096  # array images copied at a time, so a split is never held twice
-
-
-def is_path_source(text):
-    """True when a dataset argument names a path (folder or array file) rather than a dataset."""
-    text = os.fspath(text)
-    separators = [s for s in (os.sep, os.altsep) if s]
-    return (any(s in text for s in separators) or text.lower().endswith(ARRAY_EXTENSIONS)
-            or os.path.exists(text))
 
 
 def source_name(path):

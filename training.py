@@ -6,8 +6,8 @@ file never reads datasets from disk."""
 import contextlib
 import math
 import signal
+import sys
 import time
-from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -15,34 +15,16 @@ from tqdm import tqdm
 import checkpoint
 import distributed
 import metrics
-from util import UserError, save_image_grid, to_float, write_csv
+from settings import PRECISIONS, TrainSettings  # noqa: F401 (training.TrainSettings)
+from util import UserError, first_line, save_image_grid, to_float, write_csv
 from vae import binarize, is_likelihood
 
 
-@dataclass(frozen=True)
-class TrainSettings:
-    """How to train. The command line's defaults are these, so each is written once here."""
-    n_epochs: int = 100
-    batch_size: int = 128
-    lr: float = 2e-4
-    kld_weight: float = 1.0
-    sample_and_save_frequency: int = 5
-    num_samples: int = 16
-    seed: int = 0
-    checkpoint_path: str = "models/VanillaVAE/VanillaVAE_mnist.pt"
-    run_dir: str = "runs/VanillaVAE_mnist"
-    flags: dict = field(default_factory=dict)  # the command line, saved as a record only
-    progress: bool = True
-    precision: str = "auto"  # autocast dtype for convolutions and matrix products: PRECISIONS
-    channels_last: bool = True  # NHWC activations and weights (oneDNN's preferred layout)
-    compile: bool = False  # torch.compile the encoder and decoder
-    binarize: bool = False  # a fresh binarisation of every batch (dynamic binarisation)
-    data_source: dict | None = None  # the user's own images: data.load_splits' source
-
-    def record(self, dataset):
-        """What the checkpoint keeps of these settings, to resume and evaluate by."""
-        return checkpoint.TrainingRecord(dataset, self.seed, self.batch_size, self.lr,
-                                         self.kld_weight, self.binarize, self.data_source)
+def training_record(settings, dataset):
+    """What the checkpoint keeps of the settings, to resume and evaluate by."""
+    return checkpoint.TrainingRecord(dataset, settings.seed, settings.batch_size, settings.lr,
+                                     settings.kld_weight, settings.binarize, settings.data_source,
+                                     settings.n_train, settings.n_test)
 
 
 class StopRequested(Exception):
@@ -77,7 +59,6 @@ class _SignalFlag:
 
 # ---------------------------------------------------------------- speed (measured in bench.py)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def cpu_has_native_bf16():
@@ -254,6 +235,20 @@ def save_outputs(model, epoch, settings, test_images, fixed_z, history):
     return paths
 
 
+def save_outputs_or_warn(model, epoch, settings, test_images, fixed_z, history):
+    """save_outputs(), or one warning line if the disk refuses: pictures and logs never cost the
+    training (the checkpoint is saved already), and the next save writes them all again."""
+    try:
+        return save_outputs(model, epoch, settings, test_images, fixed_z, history)
+    except (OSError, RuntimeError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+        where = getattr(e, "filename", None) or settings.run_dir
+        print(f"VanVAE.py: warning: could not write the pictures and history of epoch {epoch} "
+              f"({where}: {reason}); training goes on, and the next save writes them again",
+              file=sys.stderr, flush=True)
+        return None
+
+
 def train(model, train_images, test_images, settings, resume=None):
     """Train with Adam on uint8 image tensors; checkpoint, sample and log as settings say.
 
@@ -279,7 +274,7 @@ def train(model, train_images, test_images, settings, resume=None):
     n_batches = batches_per_epoch(train_images.shape[0], settings.batch_size)
     batch = min(settings.batch_size, train_images.shape[0])
     rows = distributed.batch_rows(batch)  # this process's share of every global batch
-    record = settings.record(model.config.dataset)
+    record = training_record(settings, model.config.dataset)
     model.train()
 
     def save():
@@ -344,10 +339,10 @@ def train(model, train_images, test_images, settings, resume=None):
                 state["shuffle_at_epoch_start"] = shuffle_gen.get_state()
                 save()
                 paths = distributed.on_main(
-                    lambda: save_outputs(model, epoch, settings, test_images, fixed_z, state["history"]))
+                    lambda: save_outputs_or_warn(model, epoch, settings, test_images, fixed_z, state["history"]))
                 if distributed.is_main():
-                    print(f"saved {settings.checkpoint_path}, {paths['samples']}, {paths['reconstructions']}",
-                          flush=True)
+                    print(f"saved {settings.checkpoint_path}"
+                          + (f", {paths['samples']}, {paths['reconstructions']}" if paths else ""), flush=True)
             if stop_name is not None and not last:  # after the last epoch there is nothing to resume
                 raise StopRequested(stop_name, settings.checkpoint_path)
     return state["history"]

@@ -5,18 +5,17 @@ import csv
 import os
 import pickle
 import random
+import re
+import socket
 import tempfile
+import time
 import warnings
 import zipfile
 
 import torch
 from torchvision.utils import save_image
 
-
-class UserError(Exception):
-    """A problem the user can fix (bad flag, missing or unreadable file).
-
-    The command line prints it as one line and exits with status 2."""
+from settings import UserError  # noqa: F401 (defined torch-free, for the command line; used here)
 
 
 def first_line(error):
@@ -37,26 +36,91 @@ def to_float(images_uint8, device):
 
 
 def atomic_torch_save(obj, path):
-    """Write `obj` so that `path` is either the old file or the complete new one, never half.
+    """Write `obj` so that `path` is either the old file or the complete new one, never half,
+    with the permissions the user's umask gives a new file.
 
-    The temporary file lives in the same folder so the final rename cannot cross filesystems."""
+    The temporary file lives in the same folder so the final rename cannot cross filesystems;
+    its name carries this machine and process, so the next save into the folder removes those a
+    killed process left behind (and only those)."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp_path = None
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+        remove_stale_temporaries(folder)
+        fd, tmp_path = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{_HOST}-{os.getpid()}-", suffix=".pt", dir=folder)
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would hide it from colleagues
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
         tmp_path = None
-    except OSError as e:
-        raise UserError(f"could not save {path}: {e.strerror or e}; "
+    except (OSError, RuntimeError) as e:
+        # torch's zip writer turns a full disk into RuntimeError("unexpected pos ...").
+        raise UserError(f"could not save {path}: {_save_failure(e, folder)}; "
                         "any previous file there is left intact") from None
     finally:
         if tmp_path is not None and os.path.exists(tmp_path):
             os.remove(tmp_path)
+
+
+_TMP_PREFIX = ".tmp-"
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+_LEGACY_TMP_AGE_S = 3600  # .tmp-XXXXXXXX.pt, from before the names carried a process
+
+
+def _save_failure(error, folder):
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    try:
+        if os.statvfs(folder).f_bavail == 0:
+            return "no space left on device"
+    except OSError:
+        pass
+    return first_line(error)
+
+
+def remove_stale_temporaries(folder):
+    """Delete this tool's temporary files in `folder` whose writer is gone: those of a process of
+    this machine that no longer runs, and old ones that name no process."""
+    for name in os.listdir(folder):
+        if not (name.startswith(_TMP_PREFIX) and name.endswith(".pt")):
+            continue
+        parts = name[len(_TMP_PREFIX):].split("-")
+        path = os.path.join(folder, name)
+        try:
+            if len(parts) >= 3 and parts[0] == _HOST and parts[1].isdigit():
+                stale = not _process_alive(int(parts[1]))
+            else:
+                stale = len(parts) == 1 and time.time() - os.path.getmtime(path) > _LEGACY_TMP_AGE_S
+            if stale:
+                os.remove(path)
+        except OSError:  # gone already, or not ours to remove
+            pass
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def current_umask():
+    """The process's umask, read without changing it where Linux shows it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load_torch_file(path, what="checkpoint"):

@@ -5,36 +5,15 @@ code asks the model or the functions at the end of this file. Tensors in, tensor
 does no file I/O (checkpoint.py saves and loads models; training.py trains them)."""
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from settings import DEFAULT_HIDDEN_DIMS, RECON_LOSSES, VAEConfig  # noqa: F401 (vae.VAEConfig)
 from util import UserError
 
-RECON_LOSSES = ("bernoulli", "gaussian", "mse")
-DEFAULT_HIDDEN_DIMS = (32, 64, 128, 256, 512)
 LOG_256 = math.log(256.0)
-
-
-@dataclass
-class VAEConfig:
-    """Everything needed to rebuild the network; stored inside every checkpoint."""
-    dataset: str
-    image_shape: tuple  # (channels, height, width)
-    latent_dim: int = 128
-    hidden_dims: tuple = DEFAULT_HIDDEN_DIMS
-    recon_loss: str = "bernoulli"
-
-    def __post_init__(self):
-        self.image_shape = tuple(int(v) for v in self.image_shape)
-        self.hidden_dims = tuple(int(v) for v in self.hidden_dims)
-
-    def as_dict(self):
-        d = asdict(self)
-        d["image_shape"], d["hidden_dims"] = list(self.image_shape), list(self.hidden_dims)
-        return d
 
 
 def encoder_sizes(size, n_layers):

@@ -42,11 +42,12 @@ def test_a_format_1_file_samples_and_evaluates(tmp_path):
     path = v1_copy(tmp_path)
     assert VanVAE.main(["--sample", "--checkpoint", str(path), "--output_dir", str(tmp_path),
                         "--num_samples", "3", "--seed", "1"]) == 0
-    samples = load_torch_file(tmp_path / "runs" / "VanillaVAE_mnist" / "prior_samples_n3_seed1.pt", "sample file")
+    run = Path(checkpoint.run_dir(tmp_path, path))
+    samples = load_torch_file(run / "prior_samples_n3_seed1.pt", "sample file")
     assert samples.shape == (3, 1, 28, 28) and samples.dtype == torch.uint8
     assert VanVAE.main(["--eval", "--checkpoint", str(path), "--data_dir", str(tmp_path / "data"),
                         "--output_dir", str(tmp_path), "--iw_samples", "3", "--fid_samples", "0"]) == 0
-    report = json.loads((tmp_path / "runs" / "VanillaVAE_mnist" / "eval.json").read_text())
+    report = json.loads((run / "eval.json").read_text())
     assert report["binarized"] is True and report["n_images"] == 20  # binarize came from the file
 
 
@@ -59,7 +60,8 @@ def test_a_format_1_file_resumes_and_is_saved_as_format_2(tmp_path):
     after = load_torch_file(path)
     assert after["format_version"] == checkpoint.FORMAT_VERSION and after["epoch"] == 2
     assert after["training"] == {"dataset": "mnist", "seed": 3, "batch_size": 8, "lr": 0.001,
-                                 "kld_weight": 0.5, "binarize": True, "data_source": None}
+                                 "kld_weight": 0.5, "binarize": True, "data_source": None,
+                                 "n_train": None, "n_test": None}  # format 1 did not count them
     assert after["history"][0] == before["history"][0] and len(after["history"]) == 2
     assert not all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
 
@@ -71,5 +73,5 @@ def test_a_weights_only_64px_medmnist_file_is_evaluated_at_64px(tmp_path):
     torch.save({"format_version": 1, "config": model.config.as_dict(), "model": model.state_dict()}, path)
     assert VanVAE.main(["--eval", "--checkpoint", str(path), "--data_dir", str(tmp_path / "data"),
                         "--output_dir", str(tmp_path), "--iw_samples", "2", "--fid_samples", "0"]) == 0
-    report = json.loads((tmp_path / "runs" / "VanillaVAE_octmnist" / "eval.json").read_text())
+    report = json.loads((Path(checkpoint.run_dir(tmp_path, path)) / "eval.json").read_text())
     assert report["n_images"] == 6 and report["dims_per_image"] == 64 * 64

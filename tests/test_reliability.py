@@ -280,8 +280,10 @@ def test_kill_9_leaves_a_checkpoint_that_loads_samples_and_resumes(tmp_path, sma
     path = tmp_path / CHECKPOINT
     # A save cut short can leave its hidden temporary file; nothing else is there, and
     # nothing reads it: the checkpoint is only ever the complete file under its own name.
+    # So can the lock of the run that owned the checkpoint: the kernel released it with the
+    # process, and the next run takes it over.
     others = [p.name for p in path.parent.iterdir() if p != path]
-    assert all(name.startswith(".tmp-") for name in others), others
+    assert all(name.startswith(".tmp-") or name == f".{path.name}.lock" for name in others), others
     ckpt = util.load_torch_file(path)
     assert ckpt["epoch"] >= 2 and ckpt["step"] == 0
 
@@ -292,6 +294,8 @@ def test_kill_9_leaves_a_checkpoint_that_loads_samples_and_resumes(tmp_path, sma
                       "--n_epochs", ckpt["epoch"] + 1)
     assert resumed.returncode == 0, resumed.stderr
     assert util.load_torch_file(path)["epoch"] == ckpt["epoch"] + 1
+    # The next save removed whatever temporary file the killed process had left.
+    assert [p.name for p in path.parent.iterdir() if p != path] == []
 
 
 def test_a_process_killed_in_the_middle_of_writing_leaves_the_old_file(tmp_path):
@@ -644,7 +648,7 @@ def test_100000_samples_arrive_whole_in_small_memory(tmp_path, good_checkpoint):
     many_mib = peak_mib_of_sampling(good_checkpoint, tmp_path, 100000)
     print(f"peak resident memory of --sample: {few_mib:.0f} MiB for 16 samples, "
           f"{many_mib:.0f} MiB for 100000")
-    stem = tmp_path / "runs" / "VanillaVAE_mnist" / "prior_samples_n100000_seed0"
+    stem = Path(checkpoint.run_dir(tmp_path, good_checkpoint)) / "prior_samples_n100000_seed0"
     samples = util.load_torch_file(f"{stem}.pt", "sample file")
     assert samples.shape == (100000, 1, 28, 28) and samples.dtype == torch.uint8
     png = Path(f"{stem}.png")
