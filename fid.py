@@ -98,3 +98,81 @@ def reference_statistics(net, images_uint8, cache_dir, key, device="cpu"):
     except UserError as e:  # a read-only data folder costs time next run, not this result
         print(f"note: FID reference statistics not cached ({e})")
     return mu, sigma, path
+
+
+# ---------------------------------------------------------------- KID, precision and recall
+# Both read the same (N, 2048) float64 features as FID, from features() above.
+
+KID_SUBSETS = 100
+KID_SUBSET_SIZE = 1000
+PR_NEIGHBOURS = 3
+ROWS_PER_CHUNK = 1000  # a 1000 x 10,000 float64 distance block is 80 MB
+
+
+def _feature_pair(real_feats, fake_feats):
+    """Two (N, D) feature sets as float64 CPU tensors, or a ValueError."""
+    real = torch.as_tensor(real_feats).detach().cpu().double()
+    fake = torch.as_tensor(fake_feats).detach().cpu().double()
+    if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"features must be two (N, D) arrays with the same D, not shapes "
+                         f"{tuple(real.shape)} and {tuple(fake.shape)}")
+    if not (torch.isfinite(real).all() and torch.isfinite(fake).all()):
+        raise ValueError("features contain NaN or infinite values")
+    return real, fake
+
+
+def _polynomial_mmd2_unbiased(x, y):
+    """Unbiased MMD^2 of two equal-sized sets under k(a, b) = (a.b / D + 1)^3 (Binkowski et al.
+    2018, eq. 4 with their KID kernel): the within-set means leave out the diagonal k(a, a)."""
+    m, dims = x.shape
+    k_xx, k_yy, k_xy = ((a @ b.T / dims + 1).pow(3) for a, b in ((x, x), (y, y), (x, y)))
+    within = (k_xx.sum() - k_xx.diagonal().sum() + k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
+    return (within - 2 * k_xy.sum() / (m * m)).item()
+
+
+def kernel_inception_distance(real_feats, fake_feats, n_subsets=KID_SUBSETS,
+                              subset_size=KID_SUBSET_SIZE, seed=0):
+    """KID (Binkowski et al. 2018): the unbiased polynomial-kernel MMD^2 averaged over
+    `n_subsets` random pairs of subsets, without replacement, of subset_size (capped at the
+    smaller set). Returns (mean, std over subsets), in the raw units (not x1000). The subsets are
+    drawn as torch-fidelity draws them (numpy RandomState(seed).choice), so the same seed gives
+    its figure."""
+    real, fake = _feature_pair(real_feats, fake_feats)
+    m = min(subset_size, real.shape[0], fake.shape[0])
+    if m < 2 or n_subsets < 1:
+        raise ValueError(f"KID needs subsets of at least 2 features from each set and at least one "
+                         f"subset, not subset size {m} and {n_subsets} subsets")
+    rng = np.random.RandomState(seed)
+    mmd2 = [_polynomial_mmd2_unbiased(real[torch.from_numpy(rng.choice(real.shape[0], m, replace=False))],
+                                      fake[torch.from_numpy(rng.choice(fake.shape[0], m, replace=False))])
+            for _ in range(n_subsets)]
+    return float(np.mean(mmd2)), float(np.std(mmd2))
+
+
+def _knn_radii(feats, k):
+    """Distance from each feature to its k-th nearest neighbour in the same set, itself
+    excluded (its own distance, 0, is the 1st smallest)."""
+    return torch.cat([torch.cdist(feats[start:start + ROWS_PER_CHUNK], feats).kthvalue(k + 1, dim=1).values
+                      for start in range(0, feats.shape[0], ROWS_PER_CHUNK)])
+
+
+def _fraction_inside(points, centres, radii):
+    """Fraction of `points` within radii[j] of at least one centres[j] (boundary included, as in
+    Kynkaanniemi et al.'s code)."""
+    inside = sum(int((torch.cdist(points[start:start + ROWS_PER_CHUNK], centres) <= radii).any(1).sum())
+                 for start in range(0, points.shape[0], ROWS_PER_CHUNK))
+    return inside / points.shape[0]
+
+
+def precision_recall(real_feats, fake_feats, k=PR_NEIGHBOURS):
+    """Improved precision and recall (Kynkaanniemi et al. 2019, eqs. 1-3): each set's manifold
+    is the union of balls reaching each feature's k-th nearest neighbour; precision is the
+    fraction of fake features inside the real manifold, recall the fraction of real features
+    inside the fake one. Distances are computed in row chunks, so 10,000 x 10,000 fits."""
+    real, fake = _feature_pair(real_feats, fake_feats)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < min(real.shape[0], fake.shape[0]):
+        raise ValueError(f"k must be an integer from 1 to one less than the smaller set "
+                         f"({min(real.shape[0], fake.shape[0])}), not {k!r}")
+    precision = _fraction_inside(fake, real, _knn_radii(real, k))
+    recall = _fraction_inside(real, fake, _knn_radii(fake, k))
+    return precision, recall
