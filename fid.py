@@ -122,8 +122,9 @@ def _feature_pair(real_feats, fake_feats):
 
 
 def _polynomial_mmd2_unbiased(x, y):
-    """Unbiased MMD^2 of two equal-sized sets under k(a, b) = (a.b / D + 1)^3 (Binkowski et al.
-    2018, eq. 4 with their KID kernel): the within-set means leave out the diagonal k(a, a)."""
+    """Unbiased MMD^2 of two equal-sized sets under KID's kernel k(a, b) = (a.b / D + 1)^3
+    (Binkowski et al. 2018): the within-set means leave out the diagonal k(a, a), the cross
+    mean keeps it, as in their code and torch-fidelity's."""
     m, dims = x.shape
     k_xx, k_yy, k_xy = ((a @ b.T / dims + 1).pow(3) for a, b in ((x, x), (y, y), (x, y)))
     within = (k_xx.sum() - k_xx.diagonal().sum() + k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
@@ -134,9 +135,9 @@ def kernel_inception_distance(real_feats, fake_feats, n_subsets=KID_SUBSETS,
                               subset_size=KID_SUBSET_SIZE, seed=0):
     """KID (Binkowski et al. 2018): the unbiased polynomial-kernel MMD^2 averaged over
     `n_subsets` random pairs of subsets, without replacement, of subset_size (capped at the
-    smaller set). Returns (mean, std over subsets), in the raw units (not x1000). The subsets are
-    drawn as torch-fidelity draws them (numpy RandomState(seed).choice), so the same seed gives
-    its figure."""
+    smaller set). Returns (mean, std over subsets), in raw units (not x1000). The subsets are
+    drawn as torch-fidelity draws them (numpy RandomState(seed).choice, real set first), so a
+    seed picks the same subsets as its rng_seed."""
     real, fake = _feature_pair(real_feats, fake_feats)
     m = min(subset_size, real.shape[0], fake.shape[0])
     if m < 2 or n_subsets < 1:
@@ -156,23 +157,21 @@ def _knn_radii(feats, k):
                       for start in range(0, feats.shape[0], ROWS_PER_CHUNK)])
 
 
-def _fraction_inside(points, centres, radii):
-    """Fraction of `points` within radii[j] of at least one centres[j] (boundary included, as in
-    Kynkaanniemi et al.'s code)."""
-    inside = sum(int((torch.cdist(points[start:start + ROWS_PER_CHUNK], centres) <= radii).any(1).sum())
-                 for start in range(0, points.shape[0], ROWS_PER_CHUNK))
-    return inside / points.shape[0]
-
-
 def precision_recall(real_feats, fake_feats, k=PR_NEIGHBOURS):
-    """Improved precision and recall (Kynkaanniemi et al. 2019, eqs. 1-3): each set's manifold
+    """Improved precision and recall (Kynkaanniemi et al. 2019): each set's manifold
     is the union of balls reaching each feature's k-th nearest neighbour; precision is the
     fraction of fake features inside the real manifold, recall the fraction of real features
-    inside the fake one. Distances are computed in row chunks, so 10,000 x 10,000 fits."""
+    inside the fake one, boundaries included as in the authors' code. Returns (precision,
+    recall). Distances are computed in row chunks, so 10,000 x 10,000 fits."""
     real, fake = _feature_pair(real_feats, fake_feats)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < min(real.shape[0], fake.shape[0]):
         raise ValueError(f"k must be an integer from 1 to one less than the smaller set "
                          f"({min(real.shape[0], fake.shape[0])}), not {k!r}")
-    precision = _fraction_inside(fake, real, _knn_radii(real, k))
-    recall = _fraction_inside(real, fake, _knn_radii(fake, k))
-    return precision, recall
+    real_radii, fake_radii = _knn_radii(real, k), _knn_radii(fake, k)
+    fakes_inside, reals_covered = 0, torch.zeros(real.shape[0], dtype=torch.bool)
+    # One fake-to-real distance block serves both figures, read along each of its two axes.
+    for start in range(0, fake.shape[0], ROWS_PER_CHUNK):
+        distances = torch.cdist(fake[start:start + ROWS_PER_CHUNK], real)
+        fakes_inside += int((distances <= real_radii).any(1).sum())
+        reals_covered |= (distances <= fake_radii[start:start + ROWS_PER_CHUNK, None]).any(0)
+    return fakes_inside / fake.shape[0], reals_covered.double().mean().item()

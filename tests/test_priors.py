@@ -112,6 +112,13 @@ def test_fits_refuse_malformed_codes(codes):
         priors.fit_two_stage(codes, epochs=1)
 
 
+@pytest.mark.parametrize("record", [{"seed": -1}, {"seed": 1.5}, {"seed": 2**32}, {"fitted_on": None}])
+def test_fits_refuse_a_bad_seed_or_description(record):
+    for fit in (priors.fit_gmm, priors.fit_two_stage):
+        with pytest.raises(ValueError, match="seed|fitted_on"):
+            fit(correlated_codes(50), **record)
+
+
 # ---------------------------------------------------------------- sampling
 
 @pytest.mark.parametrize("kind", ["gmm", "two_stage", "standard"])

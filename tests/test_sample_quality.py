@@ -23,7 +23,7 @@ def test_kid_is_zero_for_one_distribution_and_positive_for_a_shift():
 
 
 def naive_unbiased_mmd2(x, y):
-    """The textbook U-statistic, pair by pair (Gretton et al. 2012, eq. 3) with KID's kernel."""
+    """Gretton et al. 2012's unbiased MMD^2_u, pair by pair, with KID's kernel."""
     def k(a, b):
         return (a @ b / len(a) + 1) ** 3
     m = len(x)
