@@ -98,3 +98,80 @@ def reference_statistics(net, images_uint8, cache_dir, key, device="cpu"):
     except UserError as e:  # a read-only data folder costs time next run, not this result
         print(f"note: FID reference statistics not cached ({e})")
     return mu, sigma, path
+
+
+# ---------------------------------------------------------------- KID, precision and recall
+# Both read the same (N, 2048) float64 features as FID, from features() above.
+
+KID_SUBSETS = 100
+KID_SUBSET_SIZE = 1000
+PR_NEIGHBOURS = 3
+ROWS_PER_CHUNK = 1000  # a 1000 x 10,000 float64 distance block is 80 MB
+
+
+def _feature_pair(real_feats, fake_feats):
+    """Two (N, D) feature sets as float64 CPU tensors, or a ValueError."""
+    real = torch.as_tensor(real_feats).detach().cpu().double()
+    fake = torch.as_tensor(fake_feats).detach().cpu().double()
+    if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"features must be two (N, D) arrays with the same D, not shapes "
+                         f"{tuple(real.shape)} and {tuple(fake.shape)}")
+    if not (torch.isfinite(real).all() and torch.isfinite(fake).all()):
+        raise ValueError("features contain NaN or infinite values")
+    return real, fake
+
+
+def _polynomial_mmd2_unbiased(x, y):
+    """Unbiased MMD^2 of two equal-sized sets under KID's kernel k(a, b) = (a.b / D + 1)^3
+    (Binkowski et al. 2018): the within-set means leave out the diagonal k(a, a), the cross
+    mean keeps it, as in their code and torch-fidelity's."""
+    m, dims = x.shape
+    k_xx, k_yy, k_xy = ((a @ b.T / dims + 1).pow(3) for a, b in ((x, x), (y, y), (x, y)))
+    within = (k_xx.sum() - k_xx.diagonal().sum() + k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
+    return (within - 2 * k_xy.sum() / (m * m)).item()
+
+
+def kernel_inception_distance(real_feats, fake_feats, n_subsets=KID_SUBSETS,
+                              subset_size=KID_SUBSET_SIZE, seed=0):
+    """KID (Binkowski et al. 2018): the unbiased polynomial-kernel MMD^2 averaged over
+    `n_subsets` random pairs of subsets, without replacement, of subset_size (capped at the
+    smaller set). Returns (mean, std over subsets), in raw units (not x1000). The subsets are
+    drawn as torch-fidelity draws them (numpy RandomState(seed).choice, real set first), so a
+    seed picks the same subsets as its rng_seed."""
+    real, fake = _feature_pair(real_feats, fake_feats)
+    m = min(subset_size, real.shape[0], fake.shape[0])
+    if m < 2 or n_subsets < 1:
+        raise ValueError(f"KID needs subsets of at least 2 features from each set and at least one "
+                         f"subset, not subset size {m} and {n_subsets} subsets")
+    rng = np.random.RandomState(seed)
+    mmd2 = [_polynomial_mmd2_unbiased(real[torch.from_numpy(rng.choice(real.shape[0], m, replace=False))],
+                                      fake[torch.from_numpy(rng.choice(fake.shape[0], m, replace=False))])
+            for _ in range(n_subsets)]
+    return float(np.mean(mmd2)), float(np.std(mmd2))
+
+
+def _knn_radii(feats, k):
+    """Distance from each feature to its k-th nearest neighbour in the same set, itself
+    excluded (its own distance, 0, is the 1st smallest)."""
+    return torch.cat([torch.cdist(feats[start:start + ROWS_PER_CHUNK], feats).kthvalue(k + 1, dim=1).values
+                      for start in range(0, feats.shape[0], ROWS_PER_CHUNK)])
+
+
+def precision_recall(real_feats, fake_feats, k=PR_NEIGHBOURS):
+    """Improved precision and recall (Kynkaanniemi et al. 2019): each set's manifold
+    is the union of balls reaching each feature's k-th nearest neighbour; precision is the
+    fraction of fake features inside the real manifold, recall the fraction of real features
+    inside the fake one, boundaries included as in the authors' code. Returns (precision,
+    recall). Distances are computed in row chunks, so 10,000 x 10,000 fits."""
+    real, fake = _feature_pair(real_feats, fake_feats)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < min(real.shape[0], fake.shape[0]):
+        raise ValueError(f"k must be an integer from 1 to one less than the smaller set "
+                         f"({min(real.shape[0], fake.shape[0])}), not {k!r}")
+    real_radii, fake_radii = _knn_radii(real, k), _knn_radii(fake, k)
+    fakes_inside, reals_covered = 0, torch.zeros(real.shape[0], dtype=torch.bool)
+    # One fake-to-real distance block serves both figures, read along each of its two axes.
+    for start in range(0, fake.shape[0], ROWS_PER_CHUNK):
+        distances = torch.cdist(fake[start:start + ROWS_PER_CHUNK], real)
+        fakes_inside += int((distances <= real_radii).any(1).sum())
+        reals_covered |= (distances <= fake_radii[start:start + ROWS_PER_CHUNK, None]).any(0)
+    return fakes_inside / fake.shape[0], reals_covered.double().mean().item()
