@@ -15,7 +15,7 @@ import signal
 import sys
 
 import settings
-from settings import DATASETS, TrainSettings, UserError, VAEConfig
+from settings import DATASETS, PRIORS, TrainSettings, UserError, VAEConfig
 
 # Imported by import_the_work() once the flags are checked: torch, torchvision and medmnist take
 # seconds to import, and --help or a bad flag should answer at once.
@@ -78,6 +78,16 @@ def build_parser():
     mode.add_argument("--outlier_detection", action="store_true", help="score the model's test split "
                       "and --out_dataset's test split by -ELBO and the importance-weighted bound; "
                       "report AUROC and FPR at 95%% TPR")
+    mode.add_argument("--fit_prior", choices=PRIORS[1:], default=None,
+                      help="fit a latent prior to the training set's posterior means and store it in "
+                           "--checkpoint: gmm (Ghosh et al. 2020; --train fits it after its last epoch) "
+                           "or two_stage (Dai and Wipf 2019, a few minutes on a CPU)")
+    p.add_argument("--prior", choices=(*PRIORS, "all"), default=None,
+                   help="where z comes from for --sample and --eval: standard (N(0, I), the VAE's "
+                        "own), gmm or two_stage (fitted after training), or all (--eval only) "
+                        "(default: none, meaning standard for --sample, all for --eval)")
+    p.add_argument("--prior_components", type=positive_int, default=10,
+                   help="Gaussian components of the gmm prior (default: %(default)s, as Ghosh et al.)")
     p.add_argument("--dataset", type=dataset_type, default=None, metavar="NAME|PATH",
                    help=f"dataset to train on: one of {', '.join(DATASETS)}, or your own images: "
                         "a folder of image files (any depth; train/ and test/ subfolders are the "
@@ -197,13 +207,19 @@ def resume_command(args, checkpoint_path, launcher="python"):
             words += [f"--{name}", str(value)]
     return f"{launcher} {shlex.join(words)}"
 
-MODES = ("train", "sample", "eval", "outlier_detection")
+MODES = ("train", "sample", "eval", "outlier_detection", "fit_prior")
 
 
 def check_flags(args):
     """The rules between flags, checked before any import or file: one UserError each."""
     if args.outlier_detection and args.out_dataset is None:
         raise UserError("--outlier_detection needs --out_dataset NAME (the dataset of outliers)")
+    if args.sample and args.prior == "all":
+        raise UserError("--sample draws from one prior: give --prior standard, gmm or two_stage")
+    if args.eval and args.fid_samples == 1:
+        raise UserError("--fid_samples 1 gives no covariance: use 0 (no FID) or at least 2")
+    if args.eval and args.fid_samples > 0 and args.eval_images == 1:
+        raise UserError("--eval_images 1 gives FID's reference no covariance: use at least 2")
     if args.resume and args.overwrite:
         raise UserError("--resume continues a checkpoint and --overwrite replaces it: give one")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; the process group comes later

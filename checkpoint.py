@@ -11,6 +11,8 @@ Format 2 is a dict that torch.load(weights_only=True) reads (tensors and plain v
     history         one dict of per-epoch figures per epoch         } from a weights-only
     partial         a stopped epoch's running sums and seconds      } file, which samples
     rng             shuffle_at_epoch_start and noise generator states} and evaluates only
+    priors          {name: priors.py state} fitted after training (gmm, two_stage); absent
+                    until one is fitted, and dropped by the next training save (new weights)
     args            the command line's flags: a record for people; no code reads it back
 Format 1 had no `training`: its facts sat in `args`. load() reads it and fills the record in
 from there, so every checkpoint VanVAE ever wrote still samples, evaluates and resumes."""
@@ -21,6 +23,7 @@ import hashlib
 import os
 from dataclasses import asdict, dataclass
 
+import priors as latent_priors
 from util import UserError, atomic_torch_save, first_line, load_torch_file
 from vae import VAEConfig, VanillaVAE
 
@@ -64,6 +67,7 @@ class Checkpoint:
     training: TrainingRecord | None
     progress: dict
     flags: dict
+    priors: dict  # {name: state} of the priors fitted after training
 
     # A weights-only file is evaluated as a plain, non-binarised ELBO model.
     @property
@@ -155,9 +159,36 @@ def load(path, dataset=None, image_shape=None):
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"{path} does not describe a VanVAE model: {first_line(e)}") from None
     progress = {key: raw[key] for key in PROGRESS_KEYS if key in raw}
-    ckpt = Checkpoint(str(path), model, training, progress, dict(raw.get("args") or {}))
+    fitted = _checked_priors(raw.get("priors") or {}, model.config, path)
+    ckpt = Checkpoint(str(path), model, training, progress, dict(raw.get("args") or {}), fitted)
     check_matches(ckpt, dataset, image_shape)
     return ckpt
+
+
+def _checked_priors(fitted, config, path):
+    if not isinstance(fitted, dict):
+        raise UserError(f"{path} holds a malformed priors entry (not a dict)")
+    for name, state in fitted.items():
+        try:
+            latent_priors.check_prior(state, config.latent_dim)
+            if name not in latent_priors.PRIORS or state.get("kind") != name:
+                raise ValueError(f"it is stored as {name!r} but is of kind {state.get('kind')!r}")
+            if state.get("dataset", config.dataset) != config.dataset:
+                raise ValueError(f"it was fitted on {state['dataset']}, the model is of {config.dataset}")
+        except ValueError as e:
+            raise UserError(f"{path} holds a malformed {name} prior ({first_line(e)}): fit it again "
+                            f"with --fit_prior {name} --checkpoint {path}") from None
+    return dict(fitted)
+
+
+def save_priors(ckpt, new_priors):
+    """Add (or replace) fitted priors in the checkpoint file, atomically; everything else in
+    the file stays as it is. The caller holds the checkpoint (owned())."""
+    raw = load_torch_file(ckpt.path)
+    upgraded = {**raw, "format_version": FORMAT_VERSION, "priors": {**(raw.get("priors") or {}), **new_priors}}
+    if ckpt.training is not None:  # a format-1 file becomes format 2, its record made explicit
+        upgraded["training"] = asdict(ckpt.training)
+    atomic_torch_save(upgraded, ckpt.path)
 
 
 def check_matches(ckpt, dataset=None, image_shape=None):

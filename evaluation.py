@@ -23,41 +23,79 @@ def write_json(report, path):
 
 
 def eval_report(model, images, labels, *, raw_images, iw_samples, kld_weight, binarized, seed,
-                fid_samples, cache_dir, out_dir, checkpoint_path):
+                fid_samples, cache_dir, out_dir, checkpoint_path, priors):
     """Every --eval figure, the pictures and eval.json in out_dir; returns the report.
 
-    `images` are what the model is scored on (binarised if it was trained so); FID compares
-    prior samples with `raw_images`, whose Inception statistics are cached in cache_dir."""
-    fid_reference = None
+    `images` are what the model is scored on (binarised if it was trained so); sample quality
+    compares each prior's samples (priors: {name: state}, None for N(0, I)) with `raw_images`,
+    whose Inception features are cached in cache_dir."""
+    reference = None
     if fid_samples > 0:
         print(f"FID reference: {model.config.dataset} test split, {raw_images.shape[0]} images "
               "(features cached in --data_dir after the first run)", flush=True)
-        fid_reference = fid_reference_statistics(model, raw_images, cache_dir)
+        reference = inception_reference(model, raw_images, cache_dir)
     print(f"evaluating {checkpoint_path} on {images.shape[0]} {model.config.dataset} test images "
           f"(K={iw_samples}, seed {seed})", flush=True)
     report, means = eval_figures(model, images, iw_samples=iw_samples, kld_weight=kld_weight,
-                             binarized=binarized, seed=seed, fid_samples=fid_samples,
-                             fid_reference=fid_reference)
+                                 binarized=binarized, seed=seed)
     report["checkpoint"] = checkpoint_path
     report["files"] = save_pictures(model, images, labels, means, os.path.join(out_dir, "eval"))
+    quality, grids = sample_quality_by_prior(model, priors, fid_samples, seed, reference,
+                                             os.path.join(out_dir, "eval"))
+    report["files"].update(grids)
+    report["sample_quality"] = quality
+    first = quality.get("standard") or next(iter(quality.values()))
+    report["fid"] = first["fid"]
+    report["fid_protocol"] = (f"{fid_samples} prior samples (seed {seed}) vs the {raw_images.shape[0]} "
+                              f"{model.config.dataset} test images; {protocol_note()}" if fid_samples > 0
+                              else "skipped (--fid_samples 0)")
     report["files"]["json"] = os.path.join(out_dir, "eval.json")
     write_json(report, report["files"]["json"])
     return report
 
 
-def fid_reference_statistics(model, raw_images, cache_dir):
-    """(network, mu, sigma, description) of the test images FID compares samples with."""
+def protocol_note():
+    import fid  # only when FID ran: its package is slow to import
+    return f"{fid.PROTOCOL}; {fid.SAMPLE_QUALITY_PROTOCOL}"
+
+
+def inception_reference(model, raw_images, cache_dir):
+    """(network, reference_features()) of the test images sample quality is measured against."""
     import fid  # loads the Inception network's package only when FID is asked for
     net = fid.load_network()
-    mu, sigma, _ = fid.reference_statistics(
-        net, raw_images, cache_dir, f"{model.config.dataset}_{model.config.image_shape[-1]}px_test")
-    return net, mu, sigma, f"the {raw_images.shape[0]} {model.config.dataset} test images"
+    key = f"{model.config.dataset}_{model.config.image_shape[-1]}px_test"
+    return net, fid.reference_features(net, raw_images, cache_dir, key)
 
 
-def eval_figures(model, images, *, iw_samples, kld_weight, binarized, seed=0, fid_samples=0,
-             fid_reference=None):
-    """All figures of --eval on uint8 test `images`; fid_reference is
-    fid_reference_statistics()'s. Returns (report, posterior means)."""
+GRID_SAMPLES = 64  # images in each prior's sample grid
+
+
+def sample_quality_by_prior(model, priors, n_samples, seed, reference, stem):
+    """({prior: FID, KID, precision, recall, seconds}, {file name: grid path}): the same seed
+    for every prior, one Inception pass per prior's samples."""
+    quality, grids = {}, {}
+    device = next(model.parameters()).device
+    for name, state in priors.items():
+        start = time.perf_counter()
+        grid = sampling.prior_samples_uint8(model, GRID_SAMPLES, torch.Generator(device).manual_seed(seed), state)
+        grids[f"samples_{name}"] = f"{stem}_samples_{name}.png"
+        save_image_grid(grid.float() / 255, grids[f"samples_{name}"], nrow=8)
+        figures = {"fid": None, "kid": None, "kid_std": None, "precision": None, "recall": None}
+        if n_samples > 0:
+            import fid
+            net, ref = reference
+            print(f"sample quality of the {name} prior: {n_samples} samples through the Inception "
+                  "network", flush=True)
+            samples = sampling.prior_samples_uint8(model, n_samples, torch.Generator(device).manual_seed(seed),
+                                                   state)
+            figures = fid.sample_quality(ref, fid.features(net, samples))
+        quality[name] = {**figures, "n_samples": n_samples, "seconds": time.perf_counter() - start}
+    return quality, grids
+
+
+def eval_figures(model, images, *, iw_samples, kld_weight, binarized, seed=0):
+    """The likelihood, reconstruction and latent figures of --eval on uint8 test `images`.
+    Returns (report, posterior means)."""
     config = model.config
     dims = math.prod(config.image_shape)
     seconds = {}
@@ -90,19 +128,6 @@ def eval_figures(model, images, *, iw_samples, kld_weight, binarized, seed=0, fi
     report["active_unit_threshold"] = metrics.ACTIVE_UNIT_THRESHOLD
     seconds["reconstruction_and_latents"] = time.perf_counter() - start
 
-    if fid_samples > 0:
-        import fid
-        start = time.perf_counter()
-        net, ref_mu, ref_sigma, ref_description = fid_reference
-        device = next(model.parameters()).device
-        samples = sampling.prior_samples_uint8(model, fid_samples, torch.Generator(device).manual_seed(seed))
-        mu, sigma = fid.statistics(fid.features(net, samples).numpy())
-        report["fid"] = fid.frechet_distance(mu, sigma, ref_mu, ref_sigma)
-        report["fid_protocol"] = (f"{fid_samples} prior samples (seed {seed}) vs {ref_description}; "
-                                  f"{fid.PROTOCOL}")
-        seconds["fid"] = time.perf_counter() - start
-    else:
-        report["fid"], report["fid_protocol"] = None, "skipped (--fid_samples 0)"
     report["seconds"] = seconds
     return report, means
 
@@ -127,14 +152,30 @@ def format_eval_table(report):
     rows += [("reconstruction MSE", f"{report['recon_mse_per_pixel']:.5f}",
               "per pixel, [0,1] units, decoder mean at the posterior mean"),
              ("active units", f"{report['active_units']} / {report['latent_dim']}",
-              f"Var_x E[z|x] > {report['active_unit_threshold']}"),
-             ("FID", "-" if report["fid"] is None else f"{report['fid']:.2f}", report["fid_protocol"])]
+              f"Var_x E[z|x] > {report['active_unit_threshold']}")]
+    rows += quality_rows(report)
     width = max(len(r[0]) for r in rows)
     value_width = max(len(r[1]) for r in rows)
     lines = [f"{name:<{width}}  {value:>{value_width}}  {unit}" for name, value, unit in rows]
     if report["likelihood"] is not None:
         lines.append(f"likelihood: {report['likelihood']}")
+    lines.append(f"sample quality: {report['fid_protocol']}")
     return "\n".join(lines)
+
+
+def quality_rows(report):
+    """One row per prior: FID (lower is better), KID x 1000 with its std, precision (fidelity)
+    and recall (coverage), both higher is better."""
+    rows = []
+    for name, q in report["sample_quality"].items():
+        if q["fid"] is None:
+            rows.append((f"FID, {name} prior", "-", "skipped (--fid_samples 0)"))
+            continue
+        pr = ("" if q["precision"] is None else
+              f"; precision {q['precision']:.3f}, recall {q['recall']:.3f}")
+        rows.append((f"FID, {name} prior", f"{q['fid']:.2f}",
+                     f"KID x 1000 {1000 * q['kid']:.2f} +- {1000 * q['kid_std']:.2f}{pr}"))
+    return rows
 
 
 # ---------------------------------------------------------------- pictures

