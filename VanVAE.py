@@ -287,7 +287,8 @@ def main(argv=None):
         import_the_work()
         getattr(modes, f"run_{mode}")(args)
     except UserError as e:
-        print(f"VanVAE.py: error{rank_words()}: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0" or e.this_rank_only:  # each problem said once
+            print(f"VanVAE.py: error{rank_words()}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"VanVAE.py: --{mode} interrupted{rank_words()}"

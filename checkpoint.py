@@ -11,6 +11,7 @@ Format 2 is a dict that torch.load(weights_only=True) reads (tensors and plain v
     history         one dict of per-epoch figures per epoch         } from a weights-only
     partial         a stopped epoch's running sums and seconds      } file, which samples
     rng             shuffle_at_epoch_start and noise generator states} and evaluates only
+    scaler          the fp16 GradScaler's state (CUDA --precision fp16 only)
     priors          {name: priors.py state} fitted after training (gmm, two_stage); absent
                     until one is fitted, and dropped by the next training save (new weights)
     args            the command line's flags: a record for people; no code reads it back
@@ -137,10 +138,12 @@ def _lock(lock_path, path):
 
 
 def save(path, model, training, progress, flags):
-    """Write a format-2 checkpoint atomically; `progress` holds PROGRESS_KEYS."""
+    """Write a format-2 checkpoint atomically; `progress` holds PROGRESS_KEYS, and the fp16
+    loss scaler's state as "scaler" where there is one."""
+    extra = {"scaler": progress["scaler"]} if progress.get("scaler") is not None else {}
     atomic_torch_save({"format_version": FORMAT_VERSION, "config": model.config.as_dict(),
                        "model": model.state_dict(), "training": asdict(training),
-                       **{key: progress[key] for key in PROGRESS_KEYS}, "args": flags}, path)
+                       **{key: progress[key] for key in PROGRESS_KEYS}, **extra, "args": flags}, path)
 
 
 def load(path, dataset=None, image_shape=None):
@@ -158,7 +161,7 @@ def load(path, dataset=None, image_shape=None):
         training = _training_record(raw, model.config.dataset)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"{path} does not describe a VanVAE model: {first_line(e)}") from None
-    progress = {key: raw[key] for key in PROGRESS_KEYS if key in raw}
+    progress = {key: raw[key] for key in (*PROGRESS_KEYS, "scaler") if key in raw}
     fitted = _checked_priors(raw.get("priors") or {}, model.config, path)
     ckpt = Checkpoint(str(path), model, training, progress, dict(raw.get("args") or {}), fitted)
     check_matches(ckpt, dataset, image_shape)

@@ -163,6 +163,8 @@ def _run_then_agree(here, work, message_elsewhere):
         except Exception as e:  # re-raised below, after the other ranks have heard
             error = e
     if any_rank(error is not None):
+        if isinstance(error, UserError) and not is_main():
+            raise UserError(str(error), this_rank_only=True)  # rank 0 only says to look here
         raise error if error is not None else UserError(message_elsewhere)
     return result
 

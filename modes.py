@@ -39,7 +39,8 @@ def pick_device(name):
         local_rank, n_gpus = distributed.launched_local_rank(), torch.cuda.device_count()
         if local_rank >= n_gpus:
             raise UserError(f"torchrun started process {local_rank} on this machine, which has "
-                            f"{n_gpus} CUDA device(s): give --nproc_per_node at most {n_gpus}")
+                            f"{n_gpus} CUDA device(s): give --nproc_per_node at most {n_gpus}",
+                            this_rank_only=True)
         return torch.device("cuda", local_rank)  # one GPU per process
     return torch.device(name)
 

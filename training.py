@@ -17,7 +17,7 @@ import distributed
 import metrics
 from settings import PRECISIONS, TrainSettings  # noqa: F401 (training.TrainSettings)
 from util import UserError, first_line, save_image_grid, to_float, write_csv
-from vae import binarize, is_likelihood
+from vae import is_likelihood
 
 
 def training_record(settings, dataset):
@@ -116,11 +116,6 @@ def images_on_device(images, device):
         return images.pin_memory()
 
 
-def next_batch(images, idx, device, channels_last):
-    x = to_float(images[idx.to(images.device)], device)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
 def prepare_model(model, precision, channels_last, compile_):
     """Memory layout and compilation, in place; returns the fp16 GradScaler or None."""
     if channels_last:
@@ -150,9 +145,14 @@ class TrainStep:
         """One Adam step on this process's `rows` of the global batch images[idx] (uint8) of
         `batch` images; returns (recon sum, KL sum, objective x images) as float64 on the
         device, with no host sync."""
-        x = next_batch(images, idx[rows], self.device, self.settings.channels_last)
-        if self.settings.binarize:  # from the noise stream, so a resumed run draws the same pixels
-            x = binarize(x, self.noise_gen)
+        x = to_float(images[idx[rows].to(images.device)], self.device)
+        if self.settings.binarize:
+            # From the noise stream, so a resumed run draws the same pixels; uniforms for the whole
+            # global batch, of which this process takes its rows, so N processes equal one.
+            u = torch.rand((batch, *x.shape[1:]), generator=self.noise_gen, device=self.noise_gen.device)
+            x = (u[rows].to(x.device) < x).to(x.dtype)  # pixel = 1 with probability its intensity
+        if self.settings.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         # Each process draws the whole global batch's noise and takes its rows, so N processes
         # see exactly the noise one process would.
         noise = self.model.draw_noise(batch, self.noise_gen, self.noise_gen.device)
@@ -268,6 +268,8 @@ def train(model, train_images, test_images, settings, resume=None):
                      partial=progress["partial"])
         shuffle_gen.set_state(progress["rng"]["shuffle_at_epoch_start"])
         step_fn.noise_gen.set_state(progress["rng"]["noise"])
+        if step_fn.scaler is not None and "scaler" in progress:  # fp16's loss scale goes on as it was
+            step_fn.scaler.load_state_dict(progress["scaler"])
     # A fixed prior draw, so the sample grids of successive epochs are comparable.
     fixed_z = torch.randn((settings.num_samples, model.config.latent_dim),
                           generator=torch.Generator().manual_seed(settings.seed + 2)).to(device)
@@ -281,7 +283,8 @@ def train(model, train_images, test_images, settings, resume=None):
         check_finite_weights(model, settings.checkpoint_path)
         progress = {**state, "optimizer": step_fn.optimizer.state_dict(),
                     "rng": {"shuffle_at_epoch_start": state["shuffle_at_epoch_start"],
-                            "noise": step_fn.noise_gen.get_state()}}
+                            "noise": step_fn.noise_gen.get_state()},
+                    "scaler": step_fn.scaler.state_dict() if step_fn.scaler is not None else None}
         distributed.on_main(lambda: checkpoint.save(settings.checkpoint_path, model, record, progress,
                                                     settings.flags))
 

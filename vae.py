@@ -224,12 +224,6 @@ class VanillaVAE(nn.Module):
         return self.mean_image(self.decode(z))
 
 
-def binarize(x, generator=None):
-    """Each pixel set to 1 with probability equal to its intensity in [0, 1]: binarised MNIST
-    as Salakhutdinov and Murray 2008 define it, so likelihoods compare with the literature."""
-    return torch.bernoulli(x, generator=generator)
-
-
 def is_likelihood(config):
     """Whether the model's reconstruction term is a negative log-likelihood in nats (the mse
     objective, GenerativeZoo's, is not)."""

@@ -107,6 +107,24 @@ def test_two_processes_train_like_one(runs):
     assert_same_training(checkpoint(tmp / "one"), checkpoint(tmp / "two"), n_steps=N_TRAIN // 8)
 
 
+def test_two_processes_binarise_as_one_does(runs):
+    """Each process takes its rows of one global batch's binarisation, so the images are the
+    same as one process would draw."""
+    tmp, flags, _ = runs
+    binarized = [*flags, "--binarize"]
+    assert VanVAE.main([*map(str, binarized), "--output_dir", str(tmp / "bin_one")]) == 0
+    two = torchrun(*binarized, "--output_dir", tmp / "bin_two")
+    assert two.returncode == 0, two.stderr
+    assert_same_training(checkpoint(tmp / "bin_one"), checkpoint(tmp / "bin_two"), n_steps=N_TRAIN // 8)
+
+
+def test_a_user_error_under_torchrun_is_printed_once(runs):
+    tmp, flags, _ = runs
+    again = torchrun(*flags, "--output_dir", tmp / "two")  # its checkpoint exists: refused
+    assert again.returncode != 0
+    assert again.stderr.count("VanVAE.py: error") == 1 and "already exists" in again.stderr, again.stderr
+
+
 def test_only_rank_zero_prints_and_writes(runs):
     tmp, _, two = runs
     assert two.stdout.count("epoch 1/1 ") == 1 and two.stdout.count("done: ") == 1
