@@ -206,8 +206,11 @@ def train_in_process_group(args, device):
     path = args.checkpoint or checkpoint.default_path(args.output_dir, dataset)
     out_dir = checkpoint.run_dir(args.output_dir, path)
     check_creatable(out_dir)
-    # Rank 0 owns the checkpoint for the whole run: a second run on it is refused at once.
-    with folder_for(path), checkpoint.owned(path) if distributed.is_main() else contextlib.nullcontext():
+    # Rank 0 owns the checkpoint for the whole run (a second run on it is refused at once), and
+    # alone writes files.
+    main = distributed.is_main()
+    with folder_for(path) if main else contextlib.nullcontext(), \
+            checkpoint.owned(path) if main else contextlib.nullcontext():
         resume = load_resume(args, path) if args.resume else None
         if resume is None:
             check_new_run(args, path)

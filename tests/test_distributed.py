@@ -111,7 +111,7 @@ def test_two_processes_binarise_as_one_does(runs):
     """Each process takes its rows of one global batch's binarisation, so the images are the
     same as one process would draw."""
     tmp, flags, _ = runs
-    binarized = [*flags, "--binarize"]
+    binarized = [*flags, "--binarize", "--recon_loss", "bernoulli"]  # binary pixels need a Bernoulli decoder
     assert VanVAE.main([*map(str, binarized), "--output_dir", str(tmp / "bin_one")]) == 0
     two = torchrun(*binarized, "--output_dir", tmp / "bin_two")
     assert two.returncode == 0, two.stderr
