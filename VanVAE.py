@@ -15,7 +15,8 @@ import signal
 import sys
 
 import settings
-from settings import DATASETS, PRIORS, TrainSettings, UserError, VAEConfig
+from settings import DATASETS, PRIORS, TrainSettings, VAEConfig
+from util import UserError
 
 # Imported by import_the_work() once the flags are checked: torch, torchvision and medmnist take
 # seconds to import, and --help or a bad flag should answer at once.

@@ -370,6 +370,10 @@ def parse_args(argv):
     p.add_argument("--generated", action="store_true",
                    help="generated images even where Fashion-MNIST is installed (faster to load)")
     p.add_argument("--quick", action="store_true", help="2 steps, 1 repeat, small sets: checks the script runs")
+    p.add_argument("--loading", type=int, default=None, metavar="N",
+                   help="measure only the loading of your own images: N PNGs written from Fashion-MNIST "
+                        "(generated where it is absent), decoded by images.py cold and cached, against "
+                        "a torchvision ImageFolder with a DataLoader")
     p.add_argument("--job", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -378,9 +382,63 @@ def parse_args(argv):
     return args
 
 
+# ---------------------------------------------------------------- loading the user's own images
+
+def write_pngs(images_u8, folder):
+    """One grey PNG per image in folder/0/ (ImageFolder wants a class folder)."""
+    os.makedirs(os.path.join(folder, "0"))
+    for i, image in enumerate(images_u8[:, 0].numpy()):
+        Image.fromarray(image, mode="L").save(os.path.join(folder, "0", f"{i:05d}.png"))
+
+
+def timed(work):
+    start = time.perf_counter()
+    result = work()
+    return result, time.perf_counter() - start
+
+
+def bench_loading(args):
+    """Images per second into uint8 tensors: images.load_source decoding a folder of PNGs (cold),
+    the same from its cache (warm), and a torchvision ImageFolder + DataLoader epoch."""
+    import tempfile
+
+    import images as image_files
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    n = args.loading
+    train_u8, _, source = uint8_splits("grey28", None if args.generated else args.data_dir, n, 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, cache = os.path.join(tmp, "pngs"), os.path.join(tmp, "cache")
+        _, write_s = timed(lambda: write_pngs(train_u8[:n], folder))
+        print(f"\nloading: {n} PNGs of 28 x 28 grey ({source} Fashion-MNIST images) written in "
+              f"{write_s:.1f} s; {machine_name(torch.device('cpu'))}")
+        cold, cold_s = timed(lambda: image_files.load_source(folder, cache_dir=cache, progress=False,
+                                                             test_fraction=0.0))
+        warm, warm_s = timed(lambda: image_files.load_source(folder, cache_dir=cache, progress=False,
+                                                             test_fraction=0.0))
+        assert warm["info"]["cached"] and torch.equal(cold["train"], warm["train"])
+        rows = [("images.py, first run (decode in worker processes, write the cache)", cold_s),
+                ("images.py, second run (from the cache)", warm_s)]
+        for workers in (0, 2):
+            loader = DataLoader(datasets.ImageFolder(folder, transform=transforms.ToTensor(),
+                                                     loader=lambda p: Image.open(p).convert("L")),
+                                batch_size=128, num_workers=workers)
+            _, epoch_s = timed(lambda: sum(x.shape[0] for x, _ in loader))
+            rows.append((f"ImageFolder + DataLoader(num_workers={workers}), one epoch", epoch_s))
+    print("| how | seconds | images/s |\n|---|---|---|")
+    for name, seconds in rows:
+        print(f"| {name} | {seconds:.2f} | {n / seconds:.0f} |")
+    tensor_mib = cold["train"].numel() / 2**20
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"the uint8 tensor: {tensor_mib:.0f} MiB; this process's peak resident memory {peak_mib:.0f} MiB "
+          "(torch included); ImageFolder decodes every image again every epoch")
+
+
 def main(argv=None):
     args = parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # each table line as soon as it is measured
+    if args.loading:
+        bench_loading(args)
+        return 0
     if args.job:
         print(json.dumps(measure(json.loads(args.job))))
         return 0

@@ -15,7 +15,8 @@ import distributed
 import training
 import util
 import vae
-from settings import TrainSettings, UserError
+from settings import TrainSettings
+from util import UserError
 
 
 def pick_device(name):

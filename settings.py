@@ -8,19 +8,6 @@ data.py take their choices and defaults from here, so each is written once."""
 import os
 from dataclasses import asdict, dataclass, field
 
-
-class UserError(Exception):
-    """A problem the user can fix (bad flag, missing or unreadable file).
-
-    The command line prints it as one line and exits with status 2. Under torchrun every
-    process meets the same problem and rank 0 alone prints it, unless `this_rank_only` says
-    it arose in this process alone (then this process prints it)."""
-
-    def __init__(self, message, this_rank_only=False):
-        super().__init__(message)
-        self.this_rank_only = this_rank_only
-
-
 DATASETS = ("mnist", "cifar10", "fashionmnist", "chestmnist", "octmnist", "tissuemnist",
             "pneumoniamnist", "svhn")
 ARRAY_EXTENSIONS = (".npy", ".npz")

@@ -1,5 +1,8 @@
 """Small shared helpers that know neither models nor datasets: the user-error type, atomic
-tensor files, image grids, seeding, the per-run CSV, and turning uint8 images into floats."""
+tensor files, image grids, seeding, the per-run CSV, and turning uint8 images into floats.
+
+Imports no project file, and torch only inside the functions that need it, so the command line
+can use UserError before torch is imported."""
 
 import csv
 import os
@@ -12,10 +15,17 @@ import time
 import warnings
 import zipfile
 
-import torch
-from torchvision.utils import save_image
 
-from settings import UserError  # noqa: F401 (defined torch-free, for the command line; used here)
+class UserError(Exception):
+    """A problem the user can fix (bad flag, missing or unreadable file).
+
+    The command line prints it as one line and exits with status 2. Under torchrun every
+    process meets the same problem and rank 0 alone prints it, unless `this_rank_only` says
+    it arose in this process alone (then this process prints it)."""
+
+    def __init__(self, message, this_rank_only=False):
+        super().__init__(message)
+        self.this_rank_only = this_rank_only
 
 
 def first_line(error):
@@ -26,6 +36,7 @@ def first_line(error):
 
 
 def seed_everything(seed):
+    import torch
     random.seed(seed)
     torch.manual_seed(seed)
 
@@ -42,6 +53,7 @@ def atomic_torch_save(obj, path):
     The temporary file lives in the same folder so the final rename cannot cross filesystems;
     its name carries this machine and process, so the next save into the folder removes those a
     killed process left behind (and only those)."""
+    import torch
     folder = os.path.dirname(os.path.abspath(path))
     tmp_path = None
     try:
@@ -125,6 +137,7 @@ def current_umask():
 
 def load_torch_file(path, what="checkpoint"):
     """Load a file written by atomic_torch_save onto the CPU, refusing pickled code."""
+    import torch
     if not os.path.isfile(path):
         raise UserError(f"{what} not found: {path}")
     try:
@@ -154,6 +167,7 @@ def _unpickling_reason(error):
 
 def save_image_grid(images, path, nrow=None):
     """Save float images in [0, 1] (N, C, H, W) as one PNG grid."""
+    from torchvision.utils import save_image
     n = images.shape[0]
     nrow = nrow or max(1, int(n ** 0.5 + 0.5))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

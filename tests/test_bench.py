@@ -27,3 +27,12 @@ def test_quick_bench_prints_the_table_with_every_column(tmp_path):
     assert sum("(a)/(b) training images/s" in line for line in lines) == 2
     assert "matmul peak" in result.stdout
 
+
+
+def test_the_loading_bench_prints_its_three_ways_to_load(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "bench.py"), "--loading", "40", "--generated"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| images.py") or
+            line.startswith("| ImageFolder")]
+    assert len(rows) == 4 and all(float(row.split("|")[3]) > 0 for row in rows), result.stdout
