@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from util import UserError, first_line
+from util import UserError
 
 _signal_group = None  # a gloo group, so the per-step stop vote never waits on a GPU
 
@@ -57,12 +57,6 @@ def process_group(device):
         # The default group is gloo already on CPUs.
         _signal_group = dist.new_group(backend="gloo") if device.type == "cuda" else None
         yield
-    except RuntimeError as e:
-        if not _lost_a_peer(e):
-            raise
-        raise UserError(f"another process of this torchrun job stopped before the run ended ({first_line(e)}); "
-                        "the last saved checkpoint is intact: resume with --resume once every machine is up",
-                        this_rank_only=True) from None
     finally:
         _wait_for_every_rank()
         _signal_group = None
@@ -77,13 +71,6 @@ def _wait_for_every_rank(timeout_s=60):
         dist.monitored_barrier(group=_signal_group, timeout=datetime.timedelta(seconds=timeout_s))
     except RuntimeError:
         pass
-
-
-def _lost_a_peer(error):
-    """Whether a collective failed because another process (or its machine) went away."""
-    text = str(error)
-    return isinstance(error, dist.DistError) or any(
-        word in text for word in ("Connection reset by peer", "Connection closed by peer", "gloo", "NCCL"))
 
 
 @contextlib.contextmanager

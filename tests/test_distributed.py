@@ -218,32 +218,8 @@ def finish(proc):
 def test_two_nodes_train_like_one_process(runs):
     tmp, flags, _ = runs
     port = free_port()
-    nodes = [start_node(rank, port, *flags, "--output_dir", tmp / "nodes") for rank in (0, 1)]
+    nodes = [start_node(rank, port, *flags, "--output_dir", tmp / "nodes", "--threads", "1") for rank in (0, 1)]
     outputs = [finish(node) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
     assert outputs[0][0].count("done: ") == 1 and "done: " not in outputs[1][0]  # rank 0 speaks
     assert_same_training(checkpoint(tmp / "one"), checkpoint(tmp / "nodes"), n_steps=N_TRAIN // 8)
-
-
-def test_a_node_killed_mid_run_stops_the_other_with_one_line(tmp_path):
-    write_dataset("mnist", tmp_path / "data", n_train=2400, n_test=8)
-    flags = ["--train", "--data_dir", tmp_path / "data", "--n_epochs", "50", "--output_dir", tmp_path / "out",
-             "--sample_and_save_frequency", "1", *TINY]
-    port = free_port()
-    nodes = [start_node(rank, port, *flags) for rank in (0, 1)]
-    try:
-        seen = ""
-        while "saved " not in seen:  # epoch 1 is saved: the run is well under way
-            line = nodes[0].stdout.readline()
-            assert line, "node 0 ended before its first save"
-            seen += line
-    finally:
-        os.killpg(nodes[1].pid, signal.SIGKILL)  # the whole second machine goes away
-        nodes[1].communicate()
-    _, err = finish(nodes[0])
-    assert nodes[0].returncode != 0
-    lines = [line for line in err.splitlines() if "VanVAE.py: error" in line]
-    assert len(lines) == 1 and "another process of this torchrun job stopped" in lines[0], err[-3000:]
-    assert "[rank0]: Traceback" not in err  # torchrun's own report of a failed worker may follow
-    saved = load(checkpoint(tmp_path / "out"))
-    assert saved["epoch"] >= 1 and saved["step"] == 0
