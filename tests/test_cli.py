@@ -65,7 +65,7 @@ def test_help_lists_every_flag_with_its_default():
 
 
 @pytest.mark.parametrize("args, message", [
-    ([], "one of the arguments --train --sample --eval --outlier_detection is required"),
+    ([], "one of the arguments --train --sample --eval --outlier_detection --fit_prior is required"),
     (["--train", "--sample"], "not allowed with"),
     (["--train", "--batch_size", "0"], "--batch_size"),
     (["--train", "--lr", "-1"], "--lr"),

@@ -385,7 +385,7 @@ def test_a_failed_save_says_so_and_leaves_the_previous_checkpoint(capsys, monkey
     if where == "os.replace":
         monkeypatch.setattr(util.os, "replace", disk_full)
     else:
-        monkeypatch.setattr(util.torch, "save", half_written_then_disk_full)
+        monkeypatch.setattr(torch, "save", half_written_then_disk_full)  # util imports torch lazily
     code, _, err = run_main(capsys, "--train", "--resume", "--data_dir", small_data,
                             "--output_dir", run_folder, "--n_epochs", 2)
     path = run_folder / CHECKPOINT
