@@ -15,7 +15,7 @@ import signal
 import sys
 
 import settings
-from settings import DATASETS, PRIORS, TrainSettings, VAEConfig
+from settings import DATASETS, DEFAULT_DATASET, PRIORS, TrainSettings, VAEConfig
 from util import UserError
 
 # Imported by import_the_work() once the flags are checked: torch, torchvision and medmnist take
@@ -92,7 +92,7 @@ def build_parser():
     p.add_argument("--dataset", type=dataset_type, default=None, metavar="NAME|PATH",
                    help=f"dataset to train on: one of {', '.join(DATASETS)}, or your own images: "
                         "a folder of image files (any depth; train/ and test/ subfolders are the "
-                        "splits) or a .npy/.npz array file of uint8 images (default: mnist)")
+                        f"splits) or a .npy/.npz array file of uint8 images (default: {DEFAULT_DATASET})")
     p.add_argument("--batch_size", type=positive_int, default=TrainSettings.batch_size,
                    help="images per step; under torchrun the global batch, split evenly over the "
                         "processes, so it must be a multiple of their number (default: %(default)s)")

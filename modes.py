@@ -15,7 +15,7 @@ import distributed
 import training
 import util
 import vae
-from settings import TrainSettings
+from settings import DEFAULT_DATASET, TrainSettings
 from util import UserError
 
 
@@ -146,7 +146,7 @@ def load_training_data(args, resume):
     record = resume.training if resume is not None else None
     source = record.data_source if record is not None else None
     if source is None:
-        dataset = resume.model.config.dataset if resume is not None else (args.dataset or "mnist")
+        dataset = resume.model.config.dataset if resume is not None else (args.dataset or DEFAULT_DATASET)
         image_size = resume.model.config.image_shape[-1] if resume is not None else args.image_size
         options = own_images_options(args)
     else:  # the user's own images: where they were, unless --dataset says where they are now
@@ -176,8 +176,7 @@ def new_model(args, dataset, train_images, test_images, source):
     config = vae.VAEConfig(dataset=dataset, image_shape=tuple(train_images.shape[1:]),
                            latent_dim=args.latent_dim,
                            hidden_dims=tuple(args.hidden_dims or vae.DEFAULT_HIDDEN_DIMS),
-                           recon_loss=args.recon_loss)
-    vae.check_config(config)
+                           recon_loss=args.recon_loss)  # checked by VanillaVAE, below
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     seed = distributed.from_main(seed)  # every process must shuffle and draw noise alike
     util.seed_everything(seed)  # before the weights are drawn
@@ -194,7 +193,7 @@ def check_new_run(args, path):
                         "start over, or --checkpoint to save elsewhere")
     if args.binarize and not vae.models_binary_pixels(args.recon_loss):
         raise UserError(f"--binarize needs --recon_loss bernoulli (binary pixels), not {args.recon_loss}")
-    dataset = args.dataset or "mnist"
+    dataset = args.dataset or DEFAULT_DATASET
     if data.is_named(dataset):
         image_shape = data.image_shape(dataset, args.image_size)
         vae.check_config(vae.VAEConfig(dataset, image_shape, args.latent_dim,
@@ -203,8 +202,8 @@ def check_new_run(args, path):
 
 def train_in_process_group(args, device):
     threads = set_threads(args.threads)
-    dataset = data.dataset_name(args.dataset or "mnist")
-    path = args.checkpoint or checkpoint.default_path(args.output_dir, dataset)
+    dataset = data.dataset_name(args.dataset or DEFAULT_DATASET)
+    path = checkpoint_for(args)
     out_dir = checkpoint.run_dir(args.output_dir, path)
     check_creatable(out_dir)
     # Rank 0 owns the checkpoint for the whole run (a second run on it is refused at once), and
@@ -215,7 +214,7 @@ def train_in_process_group(args, device):
         resume = load_resume(args, path) if args.resume else None
         if resume is None:
             check_new_run(args, path)
-        if resume is not None:
+        else:
             print(f"resuming {path} after epoch {resume.progress['epoch']}"
                   + (f", step {resume.progress['step']}" if resume.progress["step"] else ""), flush=True)
         train_images, test_images, source = load_training_data(args, resume)
@@ -345,8 +344,9 @@ def run_sample(args):
 
 
 def checkpoint_for(args):
-    """The --checkpoint path, or the default one of --dataset (mnist if none)."""
-    return args.checkpoint or checkpoint.default_path(args.output_dir, data.dataset_name(args.dataset or "mnist"))
+    """The --checkpoint path, or the default one of --dataset (DEFAULT_DATASET if none)."""
+    dataset = data.dataset_name(args.dataset or DEFAULT_DATASET)
+    return args.checkpoint or checkpoint.default_path(args.output_dir, dataset)
 
 
 def load_for_eval(args):

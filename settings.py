@@ -8,6 +8,7 @@ data.py take their choices and defaults from here, so each is written once."""
 import os
 from dataclasses import asdict, dataclass, field
 
+DEFAULT_DATASET = "mnist"  # what --dataset means when it is not given
 DATASETS = ("mnist", "cifar10", "fashionmnist", "chestmnist", "octmnist", "tissuemnist",
             "pneumoniamnist", "svhn")
 ARRAY_EXTENSIONS = (".npy", ".npz")

@@ -31,20 +31,6 @@ from test_reliability import (
 )
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("faults_data")
-    write_dataset("mnist", folder, n_train=64, n_test=16)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def long_data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("faults_long_data")
-    write_dataset("mnist", folder, n_train=2400, n_test=16)
-    return folder
-
-
 def train_flags(data_dir, out, *more):
     return ["--train", "--data_dir", data_dir, "--output_dir", out, *SMALL_MODEL, "--seed", 0, *more]
 
@@ -76,22 +62,22 @@ def tiny_filesystem(small_filesystem):
     return small_filesystem(64)
 
 
-def test_a_real_full_disk_is_one_line_and_leaves_no_half_file(tmp_path, data_dir, tiny_filesystem):
-    result = run_cli(*train_flags(data_dir, tiny_filesystem, "--n_epochs", 1))
+def test_a_real_full_disk_is_one_line_and_leaves_no_half_file(tmp_path, small_data, tiny_filesystem):
+    result = run_cli(*train_flags(small_data, tiny_filesystem, "--n_epochs", 1))
     # "o space left": torch's zip writer hides the OSError, which VanVAE words as the OS does.
     assert_one_line_error(result.returncode, result.stderr, "could not save", "o space left on device")
     models = tiny_filesystem / CHECKPOINT.parent
     assert not models.exists() or list(models.iterdir()) == []  # no half file, no temporary
 
 
-def test_a_full_disk_for_the_pictures_only_warns_and_training_goes_on(tmp_path, data_dir, small_filesystem):
+def test_a_full_disk_for_the_pictures_only_warns_and_training_goes_on(tmp_path, small_data, small_filesystem):
     """The checkpoint goes to a roomy disk, the run folder (pictures, CSV) to a full one."""
     disk = small_filesystem(1024)
     ckpt = tmp_path / "roomy" / "model.pt"
     filler = disk / "filler"
     filler.write_bytes(b"\0" * (1024 * 1024 - 4096))  # leave too little for a PNG
     run = Path(checkpoint.run_dir(disk, ckpt))
-    result = run_cli(*train_flags(data_dir, disk, "--n_epochs", 2, "--checkpoint", ckpt,
+    result = run_cli(*train_flags(small_data, disk, "--n_epochs", 2, "--checkpoint", ckpt,
                                   "--sample_and_save_frequency", 1))
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if line]
@@ -99,16 +85,16 @@ def test_a_full_disk_for_the_pictures_only_warns_and_training_goes_on(tmp_path, 
     assert "Traceback" not in result.stderr
     assert util.load_torch_file(ckpt)["epoch"] == 2
     filler.unlink()  # room again: the next save writes every picture and the whole history
-    result = run_cli("--train", "--resume", "--checkpoint", ckpt, "--data_dir", data_dir,
+    result = run_cli("--train", "--resume", "--checkpoint", ckpt, "--data_dir", small_data,
                      "--output_dir", disk, "--n_epochs", 3, "--sample_and_save_frequency", 1)
     assert result.returncode == 0 and result.stderr == "", result.stderr
     assert (run / "history.csv").read_text().count("\n") == 4  # header and three epochs
 
 
-def test_a_picture_path_taken_by_a_folder_only_warns(capsys, tmp_path, data_dir):
+def test_a_picture_path_taken_by_a_folder_only_warns(capsys, tmp_path, small_data):
     run = tmp_path / "runs" / "VanillaVAE_mnist"
     (run / "samples_epoch_0001.png").mkdir(parents=True)  # a folder where the grid would go
-    code, out, err = run_main(capsys, *train_flags(data_dir, tmp_path, "--n_epochs", 2,
+    code, out, err = run_main(capsys, *train_flags(small_data, tmp_path, "--n_epochs", 2,
                                                    "--sample_and_save_frequency", 1))
     assert code == 0 and "Traceback" not in err, err
     assert err.count("warning: could not write the pictures") == 1
@@ -117,11 +103,11 @@ def test_a_picture_path_taken_by_a_folder_only_warns(capsys, tmp_path, data_dir)
 
 # ---------------------------------------------------------------- two runs, one checkpoint
 
-def test_a_second_run_on_a_checkpoint_in_use_is_refused(tmp_path, long_data_dir):
-    first = start_cli(*train_flags(long_data_dir, tmp_path, "--n_epochs", 3))
+def test_a_second_run_on_a_checkpoint_in_use_is_refused(tmp_path, long_data):
+    first = start_cli(*train_flags(long_data, tmp_path, "--n_epochs", 3))
     try:
         wait_for_lines(first, "mnist: ")  # training has begun: the first run owns the checkpoint
-        second = run_cli(*train_flags(long_data_dir, tmp_path, "--n_epochs", 1, "--overwrite"))
+        second = run_cli(*train_flags(long_data, tmp_path, "--n_epochs", 1, "--overwrite"))
         assert_one_line_error(second.returncode, second.stderr, "in use by another VanVAE run",
                               f"process {first.pid}")
     finally:
@@ -130,9 +116,9 @@ def test_a_second_run_on_a_checkpoint_in_use_is_refused(tmp_path, long_data_dir)
     assert first.returncode == 130  # stopped by us, with its state saved: not disturbed
 
 
-def test_two_checkpoints_keep_their_own_run_folders(capsys, tmp_path, data_dir):
+def test_two_checkpoints_keep_their_own_run_folders(capsys, tmp_path, small_data):
     for name in ("a", "b"):
-        assert run_main(capsys, *train_flags(data_dir, tmp_path, "--n_epochs", 1, "--checkpoint",
+        assert run_main(capsys, *train_flags(small_data, tmp_path, "--n_epochs", 1, "--checkpoint",
                                              tmp_path / name / "model.pt"))[0] == 0
     runs = {Path(checkpoint.run_dir(tmp_path, tmp_path / name / "model.pt")) for name in ("a", "b")}
     assert len(runs) == 2 and all((run / "history.csv").is_file() for run in runs)
@@ -141,8 +127,8 @@ def test_two_checkpoints_keep_their_own_run_folders(capsys, tmp_path, data_dir):
 # ---------------------------------------------------------------- --resume and its flags
 
 @pytest.fixture
-def one_epoch(capsys, tmp_path, data_dir):
-    assert run_main(capsys, *train_flags(data_dir, tmp_path, "--n_epochs", 1))[0] == 0
+def one_epoch(capsys, tmp_path, small_data):
+    assert run_main(capsys, *train_flags(small_data, tmp_path, "--n_epochs", 1))[0] == 0
     return tmp_path
 
 
@@ -151,26 +137,26 @@ def one_epoch(capsys, tmp_path, data_dir):
     ("--latent_dim", "8", "4"), ("--seed", "7", "0"), ("--recon_loss", "gaussian", "bernoulli"),
     ("--binarize", None, "False"),
 ])
-def test_resume_refuses_a_flag_that_contradicts_the_checkpoint(capsys, one_epoch, data_dir, flag, value,
+def test_resume_refuses_a_flag_that_contradicts_the_checkpoint(capsys, one_epoch, small_data, flag, value,
                                                               recorded):
     before = snapshot(one_epoch)
-    code, _, err = run_main(capsys, "--train", "--resume", "--data_dir", data_dir, "--output_dir", one_epoch,
+    code, _, err = run_main(capsys, "--train", "--resume", "--data_dir", small_data, "--output_dir", one_epoch,
                             "--n_epochs", 2, flag, *([value] if value else []))
     assert_one_line_error(code, err, f"{flag}", "contradicts", f"trained with {recorded}")
     assert snapshot(one_epoch) == before
 
 
-def test_resume_accepts_a_flag_that_agrees_and_records_what_it_used(capsys, one_epoch, data_dir):
-    code, _, err = run_main(capsys, "--train", "--resume", "--data_dir", data_dir, "--output_dir", one_epoch,
+def test_resume_accepts_a_flag_that_agrees_and_records_what_it_used(capsys, one_epoch, small_data):
+    code, _, err = run_main(capsys, "--train", "--resume", "--data_dir", small_data, "--output_dir", one_epoch,
                             "--n_epochs", 2, "--batch_size", 8, "--lr", "0.0002")
     assert code == 0, err
     flags = util.load_torch_file(one_epoch / CHECKPOINT)["args"]
     assert (flags["batch_size"], flags["lr"], flags["latent_dim"], flags["seed"]) == (8, 2e-4, 4, 0)
 
 
-def test_resume_of_a_finished_run_says_how_to_train_longer(capsys, one_epoch, data_dir):
+def test_resume_of_a_finished_run_says_how_to_train_longer(capsys, one_epoch, small_data):
     before = snapshot(one_epoch)
-    code, _, err = run_main(capsys, "--train", "--resume", "--data_dir", data_dir, "--output_dir", one_epoch,
+    code, _, err = run_main(capsys, "--train", "--resume", "--data_dir", small_data, "--output_dir", one_epoch,
                             "--n_epochs", 1)
     assert_one_line_error(code, err, "has finished 1 epoch", "--n_epochs above 1")
     assert snapshot(one_epoch) == before
@@ -199,18 +185,18 @@ def test_the_printed_resume_command_repeats_how_the_run_computes():
     (["--batch_size", "1"], "BatchNorm needs at least 2"),
     (["--resume", "--overwrite"], "give one"),
 ])
-def test_what_cannot_train_is_refused_before_any_work(capsys, tmp_path, data_dir, flags, words):
-    code, _, err = run_main(capsys, "--train", "--data_dir", data_dir, "--output_dir", tmp_path,
+def test_what_cannot_train_is_refused_before_any_work(capsys, tmp_path, small_data, flags, words):
+    code, _, err = run_main(capsys, "--train", "--data_dir", small_data, "--output_dir", tmp_path,
                             *SMALL_MODEL[:5], *flags)
     assert_one_line_error(code, err, words)
     assert snapshot(tmp_path) == {}
 
 
-def test_a_checkpoint_path_that_is_a_folder_is_refused_before_any_work(capsys, tmp_path, data_dir):
+def test_a_checkpoint_path_that_is_a_folder_is_refused_before_any_work(capsys, tmp_path, small_data):
     folder = tmp_path / "a_folder"
     folder.mkdir()
     for mode in (["--train", "--overwrite"], ["--sample"], ["--eval"]):
-        code, _, err = run_main(capsys, *mode, "--checkpoint", folder, "--data_dir", data_dir,
+        code, _, err = run_main(capsys, *mode, "--checkpoint", folder, "--data_dir", small_data,
                                 "--output_dir", tmp_path)
         assert_one_line_error(code, err, "is a folder")
     assert [p.name for p in tmp_path.iterdir()] == ["a_folder"]
@@ -241,9 +227,9 @@ def test_flags_are_checked_without_importing_torch():
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
 
 
-def test_ctrl_c_while_the_libraries_import_stops_the_run(tmp_path, data_dir):
+def test_ctrl_c_while_the_libraries_import_stops_the_run(tmp_path, small_data):
     proc = subprocess.Popen([sys.executable, "-X", "importtime", "VanVAE.py",
-                             *map(str, train_flags(data_dir, tmp_path, "--n_epochs", 50))],
+                             *map(str, train_flags(small_data, tmp_path, "--n_epochs", 50))],
                             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     # -X importtime reports each import on stderr: wait for torch's to begin, then interrupt.
     seen = b""

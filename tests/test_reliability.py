@@ -163,22 +163,6 @@ def resume_command_from(err):
 
 
 @pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    """8 steps of 8 images per epoch."""
-    folder = tmp_path_factory.mktemp("small_data")
-    write_dataset("mnist", folder, n_train=64, n_test=16)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def long_data(tmp_path_factory):
-    """300 steps per epoch: seconds long, so a signal sent as an epoch begins lands mid-epoch."""
-    folder = tmp_path_factory.mktemp("long_data")
-    write_dataset("mnist", folder, n_train=2400, n_test=16)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def good_checkpoint(tmp_path_factory, small_data):
     """A checkpoint after one epoch, made in-process once for the module."""
     out = tmp_path_factory.mktemp("trained")
