@@ -180,6 +180,14 @@ def build_parser():
                    help="with --outlier_detection: the dataset whose test images are the outliers; "
                         "brought to the model's channels and size by channel mean or repetition and "
                         "bilinear resizing")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="with --train: also write TensorBoard event files to the run folder (the "
+                        "running loss, every history.csv figure, the learning rate, images/s, and "
+                        "the pictures of each save); view with: tensorboard --logdir runs")
+    p.add_argument("--progress_seconds", type=nonnegative_float, default=TrainSettings.progress_seconds,
+                   help="when the output is not a terminal (a log file, a batch job): seconds "
+                        "between progress lines; on a terminal a progress bar is shown instead "
+                        "(default: %(default)s)")
     p.add_argument("--resume", action="store_true",
                    help="with --train: continue from --checkpoint (or the default one) where it stopped")
     p.add_argument("--overwrite", action="store_true",
@@ -189,7 +197,8 @@ def build_parser():
 # Flags a resumed run does not take back from the checkpoint: where things are, how long to go on.
 # (How it computes, too: --threads and --precision change the arithmetic, so an exact resume needs them.)
 RESUME_FLAGS = ("n_epochs", "data_dir", "output_dir", "sample_and_save_frequency", "num_samples",
-                "device", "image_size", "threads", "precision", "channels_last", "compile", "strict")
+                "device", "image_size", "threads", "precision", "channels_last", "compile", "strict",
+                "tensorboard", "progress_seconds")
 
 
 def resume_command(args, checkpoint_path, launcher="python"):

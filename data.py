@@ -136,6 +136,30 @@ def load_split(name, split, data_dir, image_size=None, download=True):
     return images.contiguous(), labels
 
 
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                   "truck")  # batches.meta's label_names, known without reading the files
+
+
+def class_names(dataset, source=None):
+    """The names of the test labels load_test_images returns, by label: a named dataset's
+    classes (MedMNIST's from medmnist.INFO; ChestMNIST's multi-label set is reduced to 'no
+    finding'/'any finding' as its labels are), the subfolder names of the user's images, or
+    None where the labels have no names."""
+    if dataset == "fashionmnist":
+        return list(datasets.FashionMNIST.classes)
+    if dataset in ("mnist", "svhn"):
+        return [str(d) for d in range(10)]
+    if dataset == "cifar10":
+        return list(CIFAR10_CLASSES)
+    if dataset == "chestmnist":
+        return ["no finding", "any finding"]
+    if dataset in MEDMNIST_CLASSES:
+        labels = medmnist.INFO[dataset]["label"]
+        return [labels[str(i)] for i in range(len(labels))]
+    classes = (source or {}).get("classes")
+    return list(classes) if classes else None
+
+
 def load_test_images(dataset, data_dir, image_size=None, n_images=None, shape=None, binarize=False,
                      binarize_seed=BINARIZE_TEST_SEED, own_images=None, every_image=False):
     """The first n_images of a test split (all if None), brought to `shape` if given and

@@ -14,6 +14,7 @@ import torch
 import metrics
 import sampling
 import vae
+from progress import Progress
 from util import save_image_grid
 
 
@@ -23,23 +24,25 @@ def write_json(report, path):
 
 
 def eval_report(model, images, labels, *, raw_images, iw_samples, kld_weight, binarized, seed,
-                fid_samples, cache_dir, out_dir, checkpoint_path, priors):
+                fid_samples, cache_dir, out_dir, checkpoint_path, priors, class_names=None):
     """Every --eval figure, the pictures and eval.json in out_dir; returns the report.
 
     `images` are what the model is scored on (binarised if it was trained so); sample quality
     compares each prior's samples (priors: {name: state}, None for N(0, I)) with `raw_images`,
-    whose Inception features are cached in cache_dir."""
+    whose Inception features are cached in cache_dir. class_names[label] names the latent map's
+    classes."""
     reference = None
     if fid_samples > 0:
-        print(f"FID reference: {model.config.dataset} test split, {raw_images.shape[0]} images "
-              "(features cached in --data_dir after the first run)", flush=True)
+        print(f"FID reference: the Inception features of the {raw_images.shape[0]} {model.config.dataset} "
+              "test images (cached in --data_dir after the first run)", flush=True)
         reference = inception_reference(model, raw_images, cache_dir)
     print(f"evaluating {checkpoint_path} on {images.shape[0]} {model.config.dataset} test images "
           f"(K={iw_samples}, seed {seed})", flush=True)
     report, means = eval_figures(model, images, iw_samples=iw_samples, kld_weight=kld_weight,
                                  binarized=binarized, seed=seed)
+    print("pictures: reconstructions, interpolations, latent traversals, latent map", flush=True)
     report["checkpoint"] = checkpoint_path
-    report["files"] = save_pictures(model, images, labels, means, os.path.join(out_dir, "eval"))
+    report["files"] = save_pictures(model, images, labels, means, os.path.join(out_dir, "eval"), class_names)
     quality, grids = sample_quality_by_prior(model, priors, fid_samples, seed, reference,
                                              os.path.join(out_dir, "eval"))
     report["files"].update(grids)
@@ -64,7 +67,12 @@ def inception_reference(model, raw_images, cache_dir):
     import fid  # loads the Inception network's package only when FID is asked for
     net = fid.load_network()
     key = f"{model.config.dataset}_{model.config.image_shape[-1]}px_test"
-    return net, fid.reference_features(net, raw_images, cache_dir, key)
+    bar = Progress("FID reference features", raw_images.shape[0], "image", estimate=True,
+                   shorter="--eval_images N (fewer test images) or --fid_samples 0 (no FID)")
+    try:
+        return net, fid.reference_features(net, raw_images, cache_dir, key, on_progress=bar.update)
+    finally:
+        bar.close()
 
 
 GRID_SAMPLES = 64  # images in each prior's sample grid
@@ -88,7 +96,11 @@ def sample_quality_by_prior(model, priors, n_samples, seed, reference, stem):
                   "network", flush=True)
             samples = sampling.prior_samples_uint8(model, n_samples, torch.Generator(device).manual_seed(seed),
                                                    state)
-            figures = fid.sample_quality(ref, fid.features(net, samples))
+            bar = Progress(f"Inception features, {name} prior", n_samples, "image", estimate=True,
+                           shorter="--fid_samples 2000 (a noisier FID) or --prior standard (one prior)")
+            feats = fid.features(net, samples, on_progress=bar.update)
+            bar.close()
+            figures = fid.sample_quality(ref, feats)
         quality[name] = {**figures, "n_samples": n_samples, "seconds": time.perf_counter() - start}
     return quality, grids
 
@@ -115,7 +127,7 @@ def eval_figures(model, images, *, iw_samples, kld_weight, binarized, seed=0):
                       neg_elbo_bits_per_dim=metrics.bits_per_dim(neg_elbo, dims),
                       recon_nats_per_image=float(recon.mean()), kl_nats_per_image=float(kl.mean()))
         start = time.perf_counter()
-        log_px = metrics.iw_log_likelihood(model, images, iw_samples, seed=seed)
+        log_px = iw_bound_with_progress(model, images, iw_samples, seed)
         seconds["iw_bound"] = time.perf_counter() - start
         nll = float(-log_px.mean())
         report.update(iw_samples=iw_samples, iw_neg_log_likelihood_nats_per_image=nll,
@@ -130,6 +142,18 @@ def eval_figures(model, images, *, iw_samples, kld_weight, binarized, seed=0):
 
     report["seconds"] = seconds
     return report, means
+
+
+def iw_bound_with_progress(model, images, iw_samples, seed):
+    """metrics.iw_log_likelihood, announced with its size and estimated time, and shown as it goes."""
+    print(f"importance-weighted bound: {images.shape[0]} images x K={iw_samples} decoder passes",
+          flush=True)
+    bar = Progress(f"IW bound K={iw_samples}", images.shape[0], "image", estimate=True,
+                   shorter="--iw_samples 100 or --eval_images 1000")
+    try:
+        return metrics.iw_log_likelihood(model, images, iw_samples, seed=seed, on_progress=bar.update)
+    finally:
+        bar.close()
 
 
 def format_eval_table(report):
@@ -185,8 +209,9 @@ def decode_means(model, z):
     return model.mean_image(model.decode(z.to(next(model.parameters()).device))).cpu()
 
 
-def save_pictures(model, images, labels, means, stem):
+def save_pictures(model, images, labels, means, stem, class_names=None):
     """The --eval PNGs, written as stem_<name>.png; returns {name: path}."""
+    from pictures import save_traversal
     from plots import plot_latent_map
     paths = {}
     k = min(8, images.shape[0])
@@ -201,10 +226,12 @@ def save_pictures(model, images, labels, means, stem):
         paths["interpolations"] = f"{stem}_interpolations.png"
         save_image_grid(decode_means(model, z.reshape(-1, means.shape[1])), paths["interpolations"], nrow=10)
 
-    points, how = latent_plane(means)
+    paths["traversals"], _ = save_traversal(model, images, f"{stem}_traversals.png",
+                                            f"{model.config.dataset} test image 0")
+    points, how, axes = latent_plane(means)
     paths["latent_map"] = f"{stem}_latent_map.png"
     plot_latent_map(points.numpy(), labels.numpy(), paths["latent_map"],
-                    f"{model.config.dataset} test set: posterior means, {how}")
+                    f"{model.config.dataset} test set: posterior means, {how}", class_names, axes)
 
     if means.shape[1] == 2:
         # Evenly spaced prior quantiles, so each cell covers equal prior mass (Kingma and Welling 2014, fig. 4).
@@ -217,15 +244,16 @@ def save_pictures(model, images, labels, means, stem):
 
 def latent_plane(means):
     """(N, 2) coordinates: the latent plane itself if it is 2-D, else the first two principal
-    components of the posterior means (exact SVD), with a caption."""
+    components of the posterior means (exact SVD), with a caption and the axes' names."""
     if means.shape[1] == 1:
-        return torch.cat([means, torch.zeros_like(means)], 1), "1-D latent (y = 0)"
+        return torch.cat([means, torch.zeros_like(means)], 1), "1-D latent (y = 0)", ("z0", "")
     if means.shape[1] == 2:
-        return means, "the latent plane (z1, z2)"
+        return means, "the latent plane (z0, z1)", ("z0", "z1")
     centred = means.double() - means.double().mean(0)
     _, s, vh = torch.linalg.svd(centred, full_matrices=False)
     share = float((s[:2] ** 2).sum() / (s ** 2).sum().clamp_min(1e-300))
-    return (centred @ vh[:2].T).float(), f"PCA to 2-D ({share:.0%} of variance)"
+    return ((centred @ vh[:2].T).float(), f"PCA to 2-D ({share:.0%} of variance)",
+            ("principal component 1", "principal component 2"))
 
 
 # ---------------------------------------------------------------- outlier detection
@@ -270,7 +298,7 @@ def outlier_scores(model, images, iw_samples, kld_weight, seed=0):
     recon, kl = metrics.elbo_per_image(model, images, seed=seed)
     if not vae.is_likelihood(model.config):
         return {"objective": recon + kld_weight * kl}
-    neg_log_px = -metrics.iw_log_likelihood(model, images, iw_samples, seed=seed)
+    neg_log_px = -iw_bound_with_progress(model, images, iw_samples, seed)
     return {"neg_elbo_nats": recon + kl, f"iw_neg_log_likelihood_nats_K{iw_samples}": neg_log_px}
 
 

@@ -53,11 +53,14 @@ def preprocess(images_uint8, device):
 
 
 @torch.no_grad()
-def features(net, images_uint8, batch_size=50, device="cpu"):
-    """Pool features (N, 2048) float64 of uint8 images, in batches."""
+def features(net, images_uint8, batch_size=50, device="cpu", on_progress=None):
+    """Pool features (N, 2048) float64 of uint8 images, in batches; on_progress(images done)
+    after each."""
     out = []
     for start in range(0, images_uint8.shape[0], batch_size):
         out.append(net(preprocess(images_uint8[start:start + batch_size], device)).double().cpu())
+        if on_progress is not None:
+            on_progress(min(start + batch_size, images_uint8.shape[0]))
     return torch.cat(out)
 
 
@@ -83,7 +86,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
-def reference_features(net, images_uint8, cache_dir, key, device="cpu"):
+def reference_features(net, images_uint8, cache_dir, key, device="cpu", on_progress=None):
     """(features (N, 2048) float64, mu, sigma) of a reference image set, cached in cache_dir
     under `key` and a hash of the images, so a dataset split is pushed through the network once
     per machine. Only finite features are ever cached."""
@@ -92,7 +95,7 @@ def reference_features(net, images_uint8, cache_dir, key, device="cpu"):
     if os.path.isfile(path):
         cached = load_torch_file(path, what="FID statistics file")
         return cached["features"].double(), cached["mu"].numpy(), cached["sigma"].numpy()
-    feats = features(net, images_uint8, device=device)
+    feats = features(net, images_uint8, device=device, on_progress=on_progress)
     if not torch.isfinite(feats).all():
         raise UserError("the Inception network gave non-finite features for the reference images")
     mu, sigma = statistics(feats.numpy())

@@ -65,18 +65,19 @@ def _log_normal(z, mean, logvar):
 
 
 @torch.no_grad()
-def iw_log_likelihood(model, images, k, seed=0, max_decoded=2048):
+def iw_log_likelihood(model, images, k, seed=0, max_decoded=2048, on_progress=None):
     """Per-image importance-weighted lower bound on log p(x) in nats (Burda et al. 2016, eq. 8):
     log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x), z_k ~ q(z|x). Float64 CPU tensor.
 
     Batched over images and samples: each decoder call sees at most `max_decoded` (image,
     sample) pairs, so memory stays bounded whatever K is. For the Gaussian decoder each image
-    gets one dequantisation draw, so the figure bounds the probability of the 8-bit image."""
+    gets one dequantisation draw, so the figure bounds the probability of the 8-bit image.
+    on_progress(images done) is called after each batch."""
     with eval_mode(model) as device:
-        return _iw_log_likelihood(model, images, k, seed, max_decoded, device)
+        return _iw_log_likelihood(model, images, k, seed, max_decoded, device, on_progress)
 
 
-def _iw_log_likelihood(model, images, k, seed, max_decoded, device):
+def _iw_log_likelihood(model, images, k, seed, max_decoded, device, on_progress):
     generator = torch.Generator(device).manual_seed(seed)
     images_per_batch = max(1, max_decoded // k)
     samples_per_chunk = max(1, min(k, max_decoded // images_per_batch))
@@ -96,6 +97,8 @@ def _iw_log_likelihood(model, images, k, seed, max_decoded, device):
             log_w.append((log_px_z + log_pz - log_qz).double())
         log_w = torch.cat(log_w, dim=1)
         out.append((torch.logsumexp(log_w, dim=1) - math.log(k)).cpu())
+        if on_progress is not None:
+            on_progress(part.stop)
     return torch.cat(out)
 
 
@@ -105,6 +108,19 @@ def posterior_means(model, images, batch_size=500):
     with eval_mode(model) as device:
         return torch.cat([model.encode(model.model_input(to_float(images[part], device), u=0.5))[0].cpu()
                           for part in _batches(images.shape[0], batch_size)])
+
+
+@torch.no_grad()
+def kl_per_dimension(model, images, batch_size=500):
+    """Mean KL(q(z_j|x) || N(0, 1)) of each latent dimension over the images, nats, (D,)
+    float64: which coordinates carry information (they sum to the ELBO's KL term)."""
+    total = None
+    with eval_mode(model) as device:
+        for part in _batches(images.shape[0], batch_size):
+            mu, logvar = model.encode(model.model_input(to_float(images[part], device), u=0.5))
+            kl = 0.5 * (mu.double().pow(2) + logvar.double().exp() - 1 - logvar.double()).sum(0)
+            total = kl if total is None else total + kl
+    return (total / images.shape[0]).cpu()
 
 
 @torch.no_grad()

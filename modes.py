@@ -6,7 +6,6 @@ imports this file, calls one run_* function and turns errors into one line."""
 import contextlib
 import os
 import random
-import sys
 import time
 
 import checkpoint
@@ -312,7 +311,8 @@ def train_with(args, device, threads, path, out_dir, model, record, train_images
         n_epochs=args.n_epochs, batch_size=record.batch_size, lr=record.lr,
         kld_weight=record.kld_weight, sample_and_save_frequency=args.sample_and_save_frequency,
         num_samples=args.num_samples, seed=record.seed, checkpoint_path=path, run_dir=out_dir,
-        flags=flags, progress=sys.stderr.isatty() and distributed.is_main(),
+        flags=flags, progress=distributed.is_main(), progress_seconds=args.progress_seconds,
+        tensorboard=args.tensorboard,
         precision=args.precision, channels_last=args.channels_last, compile=args.compile,
         binarize=record.binarize, data_source=record.data_source, n_train=record.n_train,
         n_test=record.n_test)
@@ -379,7 +379,8 @@ def run_eval(args):
         ckpt.model, images, labels, raw_images=raw_images, iw_samples=args.iw_samples,
         kld_weight=ckpt.kld_weight, binarized=ckpt.binarize, seed=args.seed or 0,
         fid_samples=args.fid_samples, cache_dir=args.data_dir, out_dir=out_dir, checkpoint_path=ckpt.path,
-        priors=chosen_priors(ckpt, args.prior, "all"))
+        priors=chosen_priors(ckpt, args.prior, "all"),
+        class_names=data.class_names(ckpt.model.config.dataset, ckpt.training and ckpt.training.data_source))
     print(evaluation.format_eval_table(report))
     for name, file in report["files"].items():
         print(f"  {name:<16} {file}")

@@ -59,7 +59,9 @@ class TrainSettings:
     checkpoint_path: str = "models/VanillaVAE/VanillaVAE_mnist.pt"
     run_dir: str = "runs/VanillaVAE_mnist"
     flags: dict = field(default_factory=dict)  # the command line, saved as a record only
-    progress: bool = True
+    progress: bool = True  # progress lines or bar (rank 0 only)
+    progress_seconds: float = 30.0  # between progress lines when the output is not a terminal
+    tensorboard: bool = False  # event files in run_dir too (board.py)
     precision: str = "auto"  # autocast dtype for convolutions and matrix products: PRECISIONS
     channels_last: bool = True  # NHWC activations and weights (oneDNN's preferred layout)
     compile: bool = False  # torch.compile the encoder and decoder

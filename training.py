@@ -10,11 +10,12 @@ import sys
 import time
 
 import torch
-from tqdm import tqdm
 
 import checkpoint
 import distributed
 import metrics
+from board import Board
+from progress import Progress, duration
 from settings import PRECISIONS, TrainSettings  # noqa: F401 (training.TrainSettings)
 from util import UserError, first_line, save_image_grid, to_float, write_csv
 from vae import is_likelihood
@@ -216,8 +217,14 @@ def check_finite_weights(model, checkpoint_path):
                             "last good weights")
 
 
+TRAVERSAL_IMAGES = 1000  # test images that rank the latent dimensions for a save's traversal
+
+
 def save_outputs(model, epoch, settings, test_images, fixed_z, history):
-    """Prior samples from a fixed z, test images above their reconstructions, CSV, curves."""
+    """Prior samples from a fixed z, test images above their reconstructions, the latent
+    traversal, CSV, curves; after the last epoch the samples' animation. Returns
+    {name: path} and {name: grid tensor} (for TensorBoard)."""
+    from pictures import save_animation, save_traversal  # Pillow drawing; only needed here
     from plots import plot_loss_curves  # matplotlib is slow to import; only needed here
     model.eval()
     with torch.no_grad():
@@ -227,17 +234,25 @@ def save_outputs(model, epoch, settings, test_images, fixed_z, history):
         pairs = torch.cat([x, model.reconstruct(x)])
     model.train()
     paths = {"samples": f"{settings.run_dir}/samples_epoch_{epoch:04d}.png",
-             "reconstructions": f"{settings.run_dir}/reconstructions_epoch_{epoch:04d}.png"}
-    save_image_grid(samples, paths["samples"])
-    save_image_grid(pairs, paths["reconstructions"], nrow=k)
+             "reconstructions": f"{settings.run_dir}/reconstructions_epoch_{epoch:04d}.png",
+             "traversals": f"{settings.run_dir}/traversals_epoch_{epoch:04d}.png"}
+    grids = {"samples": save_image_grid(samples, paths["samples"]),
+             "reconstructions": save_image_grid(pairs, paths["reconstructions"], nrow=k)}
+    _, grids["traversals"] = save_traversal(model, test_images[:TRAVERSAL_IMAGES], paths["traversals"],
+                                            f"epoch {epoch}")
     write_csv(f"{settings.run_dir}/history.csv", history)
-    plot_loss_curves(history, f"{settings.run_dir}/loss_curves.png")
-    return paths
+    plot_loss_curves(history, f"{settings.run_dir}/loss_curves.png", kld_weight=settings.kld_weight)
+    if epoch == settings.n_epochs:
+        animation = f"{settings.run_dir}/samples_over_training.gif"
+        if save_animation(settings.run_dir, epoch, animation):
+            paths["animation"] = animation
+    return paths, grids
 
 
 def save_outputs_or_warn(model, epoch, settings, test_images, fixed_z, history):
-    """save_outputs(), or one warning line if the disk refuses: pictures and logs never cost the
-    training (the checkpoint is saved already), and the next save writes them all again."""
+    """save_outputs(), or (None, {}) and one warning line if the disk refuses: pictures and logs
+    never cost the training (the checkpoint is saved already), and the next save writes them
+    all again."""
     try:
         return save_outputs(model, epoch, settings, test_images, fixed_z, history)
     except (OSError, RuntimeError, ValueError) as e:
@@ -246,7 +261,18 @@ def save_outputs_or_warn(model, epoch, settings, test_images, fixed_z, history):
         print(f"VanVAE.py: warning: could not write the pictures and history of epoch {epoch} "
               f"({where}: {reason}); training goes on, and the next save writes them again",
               file=sys.stderr, flush=True)
-        return None
+        return None, {}
+
+
+@contextlib.contextmanager
+def board_for(settings, first_step):
+    """A TensorBoard writer for the block on rank 0 with --tensorboard, else None."""
+    board = distributed.on_main(lambda: Board(settings.run_dir, first_step)) if settings.tensorboard else None
+    try:
+        yield board
+    finally:
+        if board is not None:
+            board.close()
 
 
 def train(model, train_images, test_images, settings, resume=None):
@@ -288,7 +314,9 @@ def train(model, train_images, test_images, settings, resume=None):
         distributed.on_main(lambda: checkpoint.save(settings.checkpoint_path, model, record, progress,
                                                     settings.flags))
 
-    with _SignalFlag() as stop:
+    first_global_step = state["epoch"] * n_batches + state["step"]
+    epoch_overhead = None  # seconds of the last epoch's test pass and saves, for the run's time left
+    with _SignalFlag() as stop, board_for(settings, first_global_step) as board:
         for epoch in range(state["epoch"] + 1, settings.n_epochs + 1):
             state["shuffle_at_epoch_start"] = shuffle_gen.get_state()
             order = torch.randperm(train_images.shape[0], generator=shuffle_gen)
@@ -298,18 +326,28 @@ def train(model, train_images, test_images, settings, resume=None):
                     else torch.zeros(3, device=device, dtype=torch.float64))
             seconds_before = partial["seconds"] if partial is not None else 0.0
             start = time.perf_counter()
-            bar = tqdm(range(first_step, n_batches), desc=f"epoch {epoch}/{settings.n_epochs}",
-                       total=n_batches, initial=first_step, disable=not settings.progress,
-                       leave=False, unit="batch")
-            for step in bar:
+            epochs_after = settings.n_epochs - epoch
+
+            def run_left(epoch_left, epochs_after=epochs_after):
+                per_epoch = n_batches * batch / max(bar.rate(), 1e-9) + (epoch_overhead or 0.0)
+                return f"run {duration(epoch_left + epochs_after * per_epoch)} left"
+
+            bar = Progress(f"epoch {epoch}/{settings.n_epochs}", n_batches * batch, "image",
+                           done=first_step * batch, interval=settings.progress_seconds,
+                           more=run_left, enabled=settings.progress)
+            for step in range(first_step, n_batches):
                 sums += step_fn(train_images, order[step * batch:(step + 1) * batch], batch, rows)
+                postfix = None
                 if step % 25 == 0 or step == n_batches - 1:
-                    # The only host sync in the loop: a running loss for the bar, and an early
-                    # stop before NaN weights could ever be saved.
+                    # The only host sync in the loop: a running loss for the progress line and
+                    # TensorBoard, and an early stop before NaN weights could ever be saved.
                     running = distributed.all_reduce_sum(sums)[2].item() / ((step + 1) * batch)
                     if not math.isfinite(running):
                         raise non_finite_loss(epoch, settings)
-                    bar.set_postfix(loss=f"{running:.4g}")
+                    postfix = f"step {step + 1}/{n_batches}, loss {running:.4g}"
+                    if board is not None:
+                        board.running_loss((epoch - 1) * n_batches + step + 1, running)
+                bar.update((step + 1) * batch, postfix)
                 stop_name = distributed.agreed_signal(stop.name)  # all processes stop at one step
                 if stop_name is not None and step < n_batches - 1:
                     sums = distributed.all_reduce_sum(sums)
@@ -325,6 +363,7 @@ def train(model, train_images, test_images, settings, resume=None):
             if not torch.isfinite(sums).all():
                 raise non_finite_loss(epoch, settings)
             seconds = seconds_before + time.perf_counter() - start
+            overhead_start = time.perf_counter()
             n_seen = n_batches * batch
             recon, kl, loss = (sums / n_seen).tolist()
             train_terms = {"recon": recon, "kl": kl, "loss": loss}
@@ -336,16 +375,25 @@ def train(model, train_images, test_images, settings, resume=None):
             print(f"epoch {epoch}/{settings.n_epochs}  train {describe(model.config, train_terms, settings.kld_weight)}"
                   f"  test {describe(model.config, test_terms, settings.kld_weight)}"
                   f"  {seconds:.1f} s, {n_seen / seconds:.0f} images/s", flush=True)
+            if board is not None:
+                board.epoch(epoch * n_batches, row, step_fn.optimizer.param_groups[0]["lr"])
             last = epoch == settings.n_epochs
             stop_name = distributed.agreed_signal(stop.name)
             if epoch % settings.sample_and_save_frequency == 0 or last or stop_name is not None:
                 state["shuffle_at_epoch_start"] = shuffle_gen.get_state()
                 save()
-                paths = distributed.on_main(
-                    lambda: save_outputs_or_warn(model, epoch, settings, test_images, fixed_z, state["history"]))
+                paths, grids = distributed.on_main(
+                    lambda: save_outputs_or_warn(model, epoch, settings, test_images, fixed_z,
+                                                 state["history"])) or (None, {})
+                if board is not None:
+                    board.images(epoch * n_batches, grids)
                 if distributed.is_main():
                     print(f"saved {settings.checkpoint_path}"
-                          + (f", {paths['samples']}, {paths['reconstructions']}" if paths else ""), flush=True)
+                          + (f", {paths['samples']}, {paths['reconstructions']}, {paths['traversals']}"
+                             if paths else "")
+                          + (f"; the samples over training: {paths['animation']}"
+                             if paths and "animation" in paths else ""), flush=True)
             if stop_name is not None and not last:  # after the last epoch there is nothing to resume
                 raise StopRequested(stop_name, settings.checkpoint_path)
+            epoch_overhead = time.perf_counter() - overhead_start
     return state["history"]

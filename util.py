@@ -165,13 +165,37 @@ def _unpickling_reason(error):
     return reasons[0] if reasons else "not a plain tensor file"
 
 
-def save_image_grid(images, path, nrow=None):
-    """Save float images in [0, 1] (N, C, H, W) as one PNG grid."""
-    from torchvision.utils import save_image
+GRID_WIDTH_PX = 512  # small images are enlarged until a grid is about this wide
+MAX_UPSCALE = 4
+
+
+def grid_scale(image_size, nrow):
+    """The whole-number enlargement of `image_size`-pixel images that makes a grid of `nrow`
+    columns about GRID_WIDTH_PX wide: 4x4 of 28 px becomes 458 px, not 122."""
+    return max(1, min(MAX_UPSCALE, -(-GRID_WIDTH_PX // (nrow * image_size))))
+
+
+def image_grid(images, nrow=None, scale=None):
+    """Float images in [0, 1] (N, C, H, W) as one (C', H', W') grid tensor in [0, 1], each
+    image enlarged by nearest neighbour (pixels stay crisp squares), 2 px padding."""
+    import torch.nn.functional as F
+    from torchvision.utils import make_grid
     n = images.shape[0]
     nrow = nrow or max(1, int(n ** 0.5 + 0.5))
+    images = images.detach().float().cpu().clamp(0, 1)
+    scale = scale or grid_scale(images.shape[-1], min(nrow, n))
+    if scale > 1:
+        images = F.interpolate(images, scale_factor=scale, mode="nearest")
+    return make_grid(images, nrow=nrow, padding=2)
+
+
+def save_image_grid(images, path, nrow=None, scale=None):
+    """Save float images in [0, 1] (N, C, H, W) as one PNG grid (image_grid); returns the grid."""
+    from torchvision.utils import save_image
+    grid = image_grid(images, nrow, scale)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_image(images.detach().float().cpu().clamp(0, 1), path, nrow=nrow, padding=2)
+    save_image(grid, path)
+    return grid
 
 
 def write_csv(path, rows):

@@ -60,7 +60,7 @@ def test_eval_writes_json_table_and_pictures(workspace, capsys):
         report["neg_elbo_nats_per_image"] / (784 * 0.6931471805599453))
     assert 0 <= report["recon_mse_per_pixel"] <= 1 and 0 <= report["active_units"] <= 2
     assert report["fid"] is None
-    for name in ("reconstructions", "interpolations", "latent_map", "latent_grid"):
+    for name in ("reconstructions", "interpolations", "traversals", "latent_map", "latent_grid"):
         assert is_png(report["files"][name]) and report["files"][name] in table
     assert "bits/dim" in table and "binarised" in table
 
@@ -72,6 +72,19 @@ def test_eval_of_grey_bernoulli_says_it_is_a_cross_entropy(workspace, capsys):
     assert "NOT a likelihood of 8-bit data" in capsys.readouterr().out
     files = json.loads((run_folder(workspace, "grey") / "eval.json").read_text())["files"]
     assert "latent_grid" not in files and is_png(files["latent_map"])  # PCA map; no grid beyond 2-D
+
+
+def test_eval_announces_the_iw_bound_and_its_time_before_it_is_done(workspace, capsys):
+    checkpoint = train(workspace, "announce", "--latent_dim", "2")
+    capsys.readouterr()
+    assert evaluate(workspace, checkpoint, "announce", "--fid_samples", "0", "--eval_images", "6",
+                    "--iw_samples", "1000") == 0
+    out = capsys.readouterr().out
+    # K=1000 decodes two images at a time: the first pair's pace gives the estimate.
+    announced = out.index("importance-weighted bound: 6 images x K=1000 decoder passes")
+    estimate = out.index("IW bound K=1000: about ")
+    assert announced < estimate < out.index("-log p(x), IW bound K=1000")
+    assert "for 6 images at the pace of the first 2" in out
 
 
 def test_eval_of_mse_model_prints_no_likelihood(workspace, capsys):

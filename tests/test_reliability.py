@@ -637,7 +637,7 @@ def test_100000_samples_arrive_whole_in_small_memory(tmp_path, good_checkpoint):
     assert samples.shape == (100000, 1, 28, 28) and samples.dtype == torch.uint8
     png = Path(f"{stem}.png")
     assert png.stat().st_size < 2_000_000
-    with Image.open(png) as grid:  # 256 images: 16 x 16 tiles of 28 px plus 2 px padding
-        assert grid.size == (16 * 30 + 2, 16 * 30 + 2)
+    with Image.open(png) as grid:  # 256 images: 16 x 16 tiles of 28 px, enlarged to 56, 2 px padding
+        assert grid.size == (16 * 58 + 2, 16 * 58 + 2)
     # The samples themselves are 75 MiB of uint8; the libraries' own footprint is the rest.
     assert many_mib - few_mib < 256
