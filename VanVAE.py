@@ -100,6 +100,17 @@ def build_parser():
                    help="epochs to train (default: %(default)s)")
     p.add_argument("--lr", type=positive_float, default=TrainSettings.lr,
                    help="Adam learning rate (default: %(default)s)")
+    p.add_argument("--lr_schedule", choices=settings.LR_SCHEDULES, default=TrainSettings.lr_schedule,
+                   help="Adam's learning rate over the run: constant (--lr throughout) or cosine "
+                        "(from --lr down to 0 over the --n_epochs of this invocation, set every "
+                        "step from the step number: a run resumed with a larger --n_epochs takes "
+                        "the longer curve's value at the step it reached, so the rate rises) "
+                        "(default: %(default)s)")
+    p.add_argument("--kl_warmup_epochs", type=nonnegative_int, default=TrainSettings.kl_warmup_epochs,
+                   help="raise the KL term's weight in the training objective linearly from 0 to "
+                        "--kld_weight over this many epochs, every step; the -ELBO printed and "
+                        "saved stays the true one, only the objective (loss) is warmed "
+                        "(default: %(default)s, no warm-up)")
     p.add_argument("--latent_dim", type=positive_int, default=VAEConfig.latent_dim,
                    help="latent dimensions (default: %(default)s)")
     p.add_argument("--hidden_dims", type=positive_int, nargs="+", default=None,

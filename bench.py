@@ -124,7 +124,8 @@ class VanVAEPipeline:
             i = self.step_index % n_batches
             self.step_index += 1
             idx = self.order[i * self.batch_size:(i + 1) * self.batch_size]
-            self.sums += self.step(self.train_u8, idx, self.batch_size, all_rows)
+            self.sums += self.step(self.train_u8, idx, self.batch_size, all_rows, self.settings.lr,
+                                   self.settings.kld_weight)
             if self.step_index % 25 == 0:
                 self.sums[2].item()  # the loop's one host sync per 25 steps
         self.sums[2].item()

@@ -25,6 +25,7 @@ import os
 from dataclasses import asdict, dataclass
 
 import priors as latent_priors
+from settings import LR_SCHEDULES
 from util import UserError, atomic_torch_save, first_line, load_torch_file
 from vae import VAEConfig, VanillaVAE
 
@@ -47,7 +48,11 @@ class TrainingRecord:
                 their path, fingerprint, image counts and shape, and the options they were read
                 with, so --eval reads the same held-out split and --resume notices a change
     n_train     training images (None in format 1), so --resume refuses other data
-    n_test      test images (None in format 1)"""
+    n_test      test images (None in format 1)
+    lr_schedule       constant or cosine (settings.LR_SCHEDULES; schedules.py)
+    kl_warmup_epochs  epochs over which the KL weight rose from 0 to kld_weight
+    The last two were added to format 2 later, with defaults: a file without them was trained
+    with a constant learning rate and no warm-up."""
     dataset: str
     seed: int
     batch_size: int
@@ -57,6 +62,8 @@ class TrainingRecord:
     data_source: dict | None = None
     n_train: int | None = None
     n_test: int | None = None
+    lr_schedule: str = "constant"
+    kl_warmup_epochs: int = 0
 
 
 @dataclass(frozen=True)
@@ -207,7 +214,12 @@ def check_matches(ckpt, dataset=None, image_shape=None):
 
 def _training_record(raw, dataset):
     if "training" in raw:
-        return TrainingRecord(**raw["training"])
+        record = TrainingRecord(**raw["training"])
+        if record.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {record.lr_schedule!r}")
+        if not isinstance(record.kl_warmup_epochs, int) or record.kl_warmup_epochs < 0:
+            raise ValueError(f"kl_warmup_epochs {record.kl_warmup_epochs!r} is not a whole number >= 0")
+        return record
     args = raw.get("args")
     if not isinstance(args, dict) or not all(k in args for k in ("seed", "batch_size", "lr", "kld_weight")):
         return None  # a weights-only format-1 file

@@ -99,7 +99,7 @@ def run_train(args):
 
 
 # Flags --resume takes from the checkpoint: given with another value, they are refused.
-RECORDED_FLAGS = ("batch_size", "lr", "kld_weight", "seed", "binarize")
+RECORDED_FLAGS = ("batch_size", "lr", "kld_weight", "seed", "binarize", "lr_schedule", "kl_warmup_epochs")
 CONFIG_FLAGS = ("latent_dim", "hidden_dims", "recon_loss")
 
 
@@ -181,7 +181,7 @@ def new_model(args, dataset, train_images, test_images, source):
     util.seed_everything(seed)  # before the weights are drawn
     record = checkpoint.TrainingRecord(dataset, seed, args.batch_size, args.lr, args.kld_weight,
                                        args.binarize, source, int(train_images.shape[0]),
-                                       int(test_images.shape[0]))
+                                       int(test_images.shape[0]), args.lr_schedule, args.kl_warmup_epochs)
     return vae.VanillaVAE(config), record
 
 
@@ -305,7 +305,8 @@ def train_with(args, device, threads, path, out_dir, model, record, train_images
     flags = {**{k: v for k, v in vars(args).items() if k != "given"},
              "dataset": args.dataset or config.dataset, "seed": record.seed, "checkpoint": path,
              "batch_size": record.batch_size, "lr": record.lr, "kld_weight": record.kld_weight,
-             "binarize": record.binarize, "latent_dim": config.latent_dim,
+             "binarize": record.binarize, "lr_schedule": record.lr_schedule,
+             "kl_warmup_epochs": record.kl_warmup_epochs, "latent_dim": config.latent_dim,
              "hidden_dims": list(config.hidden_dims), "recon_loss": config.recon_loss}
     settings = TrainSettings(
         n_epochs=args.n_epochs, batch_size=record.batch_size, lr=record.lr,
@@ -315,7 +316,7 @@ def train_with(args, device, threads, path, out_dir, model, record, train_images
         tensorboard=args.tensorboard,
         precision=args.precision, channels_last=args.channels_last, compile=args.compile,
         binarize=record.binarize, data_source=record.data_source, n_train=record.n_train,
-        n_test=record.n_test)
+        n_test=record.n_test, lr_schedule=record.lr_schedule, kl_warmup_epochs=record.kl_warmup_epochs)
     training.train(model, train_images, test_images, settings, resume)
 
 

@@ -15,6 +15,7 @@ ARRAY_EXTENSIONS = (".npy", ".npz")
 RECON_LOSSES = ("bernoulli", "gaussian", "mse")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PRIORS = ("standard", "gmm", "two_stage")  # where z comes from when sampling (priors.py)
+LR_SCHEDULES = ("constant", "cosine")  # Adam's learning rate over the run (schedules.py)
 DEFAULT_HIDDEN_DIMS = (32, 64, 128, 256, 512)
 
 
@@ -53,6 +54,8 @@ class TrainSettings:
     batch_size: int = 128
     lr: float = 2e-4
     kld_weight: float = 1.0
+    lr_schedule: str = "constant"  # LR_SCHEDULES
+    kl_warmup_epochs: int = 0  # epochs over which the KL weight rises from 0 to kld_weight
     sample_and_save_frequency: int = 5
     num_samples: int = 16
     seed: int = 0

@@ -14,6 +14,7 @@ import torch
 import checkpoint
 import distributed
 import metrics
+import schedules
 from board import Board
 from progress import Progress, duration
 from settings import PRECISIONS, TrainSettings  # noqa: F401 (training.TrainSettings)
@@ -25,7 +26,8 @@ def training_record(settings, dataset):
     """What the checkpoint keeps of the settings, to resume and evaluate by."""
     return checkpoint.TrainingRecord(dataset, settings.seed, settings.batch_size, settings.lr,
                                      settings.kld_weight, settings.binarize, settings.data_source,
-                                     settings.n_train, settings.n_test)
+                                     settings.n_train, settings.n_test, settings.lr_schedule,
+                                     settings.kl_warmup_epochs)
 
 
 class StopRequested(Exception):
@@ -142,10 +144,10 @@ class TrainStep:
         self.optimizer = make_optimizer(model, settings.lr)
         self.noise_gen = torch.Generator(device).manual_seed(settings.seed + 1)
 
-    def __call__(self, images, idx, batch, rows):
-        """One Adam step on this process's `rows` of the global batch images[idx] (uint8) of
-        `batch` images; returns (recon sum, KL sum, objective x images) as float64 on the
-        device, with no host sync."""
+    def __call__(self, images, idx, batch, rows, lr, kl_weight):
+        """One Adam step of learning rate `lr` on the objective recon + kl_weight KL, on this
+        process's `rows` of the global batch images[idx] (uint8) of `batch` images; returns
+        (recon sum, KL sum, objective x images) as float64 on the device, with no host sync."""
         x = to_float(images[idx[rows].to(images.device)], self.device)
         if self.settings.binarize:
             # From the noise stream, so a resumed run draws the same pixels; uniforms for the whole
@@ -159,8 +161,13 @@ class TrainStep:
         noise = self.model.draw_noise(batch, self.noise_gen, self.noise_gen.device)
         noise = {name: values[rows] for name, values in noise.items() if values is not None}
         with autocast(x.device, self.precision):
-            terms = self.net(x, self.settings.kld_weight, None, noise)
+            terms = self.net(x, kl_weight, None, noise)
         self.optimizer.zero_grad(set_to_none=True)
+        # Set, not stepped by a torch.optim.lr_scheduler: its state would be one more thing to
+        # save and restore at the right step, where a value computed from the step number
+        # (schedules.py) is already exact after a resume, mid-epoch too.
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         if self.scaler is None:
             terms["loss"].backward()
             self.optimizer.step()
@@ -336,7 +343,8 @@ def train(model, train_images, test_images, settings, resume=None):
                            done=first_step * batch, interval=settings.progress_seconds,
                            more=run_left, enabled=settings.progress)
             for step in range(first_step, n_batches):
-                sums += step_fn(train_images, order[step * batch:(step + 1) * batch], batch, rows)
+                recipe = schedules.at_step(settings, (epoch - 1) * n_batches + step, n_batches)
+                sums += step_fn(train_images, order[step * batch:(step + 1) * batch], batch, rows, *recipe)
                 postfix = None
                 if step % 25 == 0 or step == n_batches - 1:
                     # The only host sync in the loop: a running loss for the progress line and
@@ -367,13 +375,18 @@ def train(model, train_images, test_images, settings, resume=None):
             n_seen = n_batches * batch
             recon, kl, loss = (sums / n_seen).tolist()
             train_terms = {"recon": recon, "kl": kl, "loss": loss}
-            test_terms = metrics.mean_elbo_terms(model, test_images, settings.kld_weight,
+            # The test objective weighs KL as warm-up has reached by the epoch's end; its -ELBO,
+            # like the train one, is recon + KL whatever the weight.
+            kl_weight = schedules.kl_weight(settings.kld_weight, epoch * n_batches,
+                                            settings.kl_warmup_epochs * n_batches)
+            test_terms = metrics.mean_elbo_terms(model, test_images, kl_weight,
                                                  settings.batch_size, settings.seed)
             row = epoch_row(model.config, epoch, train_terms, test_terms, seconds, n_seen / seconds)
             state["history"].append(row)
             state.update(epoch=epoch, step=0, partial=None)
-            print(f"epoch {epoch}/{settings.n_epochs}  train {describe(model.config, train_terms, settings.kld_weight)}"
-                  f"  test {describe(model.config, test_terms, settings.kld_weight)}"
+            print(f"epoch {epoch}/{settings.n_epochs}  "
+                  f"train {describe(model.config, train_terms, kl_weight)}"
+                  f"  test {describe(model.config, test_terms, kl_weight)}"
                   f"  {seconds:.1f} s, {n_seen / seconds:.0f} images/s", flush=True)
             if board is not None:
                 board.epoch(epoch * n_batches, row, step_fn.optimizer.param_groups[0]["lr"])

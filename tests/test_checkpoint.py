@@ -61,7 +61,8 @@ def test_a_format_1_file_resumes_and_is_saved_as_format_2(tmp_path):
     assert after["format_version"] == checkpoint.FORMAT_VERSION and after["epoch"] == 2
     assert after["training"] == {"dataset": "mnist", "seed": 3, "batch_size": 8, "lr": 0.001,
                                  "kld_weight": 0.5, "binarize": True, "data_source": None,
-                                 "n_train": None, "n_test": None}  # format 1 did not count them
+                                 "n_train": None, "n_test": None,  # format 1 did not count them
+                                 "lr_schedule": "constant", "kl_warmup_epochs": 0}
     assert after["history"][0] == before["history"][0] and len(after["history"]) == 2
     assert not all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
 

@@ -517,6 +517,9 @@ def test_an_existing_checkpoint_is_not_replaced_without_overwrite(capsys, run_fo
     (["--kld_weight", "-1"], "--kld_weight: must be zero or a positive number"),
     (["--hidden_dims", "8", "0"], "--hidden_dims: must be at least 1"),
     (["--sample_and_save_frequency", "0"], "must be at least 1"),
+    (["--kl_warmup_epochs", "-1"], "--kl_warmup_epochs: must be zero or more"),
+    (["--kl_warmup_epochs", "1.5"], "--kl_warmup_epochs: '1.5' is not a whole number"),
+    (["--lr_schedule", "linear"], "--lr_schedule: invalid choice: 'linear'"),
 ])
 def test_a_bad_flag_value_is_one_line_exit_2(capsys, tmp_path, small_data, flags, words):
     code, _, err = run_main(capsys, "--train", "--data_dir", small_data, "--output_dir", tmp_path,
