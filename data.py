@@ -118,12 +118,14 @@ def load_split(name, split, data_dir, image_size=None, download=True):
         raise UserError(f"{name}: no copy in {folder} ({os.path.basename(missing[0])} is missing) "
                         f"and downloading is off; allow the download or copy the files there"
                         f"{_how_to_get(name)}")
+    folders_before = _folders(data_dir)
     if missing:
         os.makedirs(data_dir, exist_ok=True)  # medmnist refuses a root that does not exist
     try:
         images, labels = _read(name, split, data_dir, size, download=bool(missing))
     except Exception as error:  # the libraries raise anything from AssertionError to KeyError
         if _missing(needed):
+            _remove_new_empty_folders(data_dir, folders_before)
             raise UserError(f"{name}: no copy in {folder} and the download failed "
                             f"(no internet? {first_line(error)}); run once on a machine that is "
                             f"online and copy the files there{_how_to_get(name)}") from None
@@ -134,6 +136,31 @@ def load_split(name, split, data_dir, image_size=None, download=True):
                         f"{images.dtype} images and {len(labels)} labels; expected uint8 "
                         f"(N, {', '.join(map(str, shape))}) and one label per image")
     return images.contiguous(), labels
+
+
+def _folders(data_dir):
+    """Every folder from the root down to data_dir and below it that exists now."""
+    path, found = os.path.abspath(data_dir), set()
+    while True:
+        found.add(path)
+        if os.path.dirname(path) == path:
+            break
+        path = os.path.dirname(path)
+    for root, dirs, _ in os.walk(data_dir):
+        found.update(os.path.abspath(os.path.join(root, d)) for d in dirs)
+    return {p for p in found if os.path.isdir(p)}
+
+
+def _remove_new_empty_folders(data_dir, before):
+    """After a failed download: remove the empty folders it created (torchvision makes
+    data_dir/MNIST/raw before it learns it is offline), deepest first, so a run that could not
+    start leaves nothing behind. Folders that were there before, or hold anything, stay."""
+    created = sorted(_folders(data_dir) - before, key=len, reverse=True)
+    for folder in created:
+        try:
+            os.rmdir(folder)  # only if empty
+        except OSError:
+            pass
 
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",

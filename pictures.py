@@ -87,7 +87,7 @@ def sample_frames(run_dir, last_epoch):
     frames = []
     for path in glob.glob(os.path.join(glob.escape(run_dir), "samples_epoch_*.png")):
         match = SAMPLE_FRAME.search(os.path.basename(path))
-        if match and int(match.group(1)) <= last_epoch:
+        if match and int(match.group(1)) <= last_epoch and os.path.isfile(path):
             frames.append((int(match.group(1)), path))
     return sorted(frames)
 

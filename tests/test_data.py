@@ -139,6 +139,7 @@ def test_offline_download_is_one_user_error(name, tmp_path, offline, no_debian):
     message = str(error.value)
     assert message.startswith(f"{name}:") and "download failed" in message
     assert str(data_dir) in message and "\n" not in message
+    assert not data_dir.exists()  # the failed download left no empty folders behind
 
 
 def test_any_download_error_is_a_user_error(tmp_path, monkeypatch):
