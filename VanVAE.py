@@ -298,6 +298,14 @@ def rank_words():
     return f" (rank {os.environ.get('RANK', '0')})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
+def lost_contact_message(args, reason):
+    """One line for a torchrun process whose peer is gone (a node killed or unreachable)."""
+    path = modes.checkpoint_for(args)
+    return (f"VanVAE.py: error{rank_words()}: lost contact with another process of this torchrun job "
+            f"({reason}); the run stops here, and {path} keeps its last save, intact. When every node "
+            f"is back, resume with: {resume_command(args, path, 'torchrun <its flags>')}")
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -316,6 +324,9 @@ def main(argv=None):
               + ("; nothing was saved" if mode == "train" else ""), file=sys.stderr)
         return 130
     except Exception as e:
+        if distributed is not None and distributed.lost_contact(e) and mode == "train":
+            print(lost_contact_message(args, distributed.lost_contact(e)), file=sys.stderr, flush=True)
+            return 1
         if training is None or not isinstance(e, training.StopRequested):
             raise
         if not distributed.is_main():

@@ -73,6 +73,25 @@ def _wait_for_every_rank(timeout_s=60):
         pass
 
 
+# What gloo and NCCL say when the other end of a collective is gone: a killed process's sockets
+# are closed by its kernel (reset, closed), a vanished machine's run into the group's timeout.
+_LOST_PEER_WORDS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                    "Connection refused", "Timed out waiting", "timed out", "NCCL communicator was aborted")
+
+
+def lost_contact(error):
+    """The gist of `error` if it is a collective that failed because another process of the
+    torchrun job is gone; else None. torch raises these as RuntimeError (gloo) or DistError."""
+    if launched_world_size() == 1 or not isinstance(error, RuntimeError):
+        return None
+    text = str(error)
+    if isinstance(error, dist.DistError) or any(words in text for words in _LOST_PEER_WORDS):
+        line = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+        line = line.split("] ", 1)[-1] if line.startswith("[") else line  # without gloo's source path
+        return line.split(". ", 1)[0]  # without its advice
+    return None
+
+
 @contextlib.contextmanager
 def stdout_on_main_only():
     """Silence print() on every rank but 0, so each line appears once; errors (stderr) stay."""

@@ -79,21 +79,28 @@ def save_traversal(model, images, path, caption):
     return path, torch.from_numpy(np.array(picture)).permute(2, 0, 1).float() / 255
 
 
+MAX_FRAMES = 60  # beyond this many saves, evenly spaced ones (first and last kept): a GIF is held whole in memory
 SAMPLE_FRAME = re.compile(r"samples_epoch_(\d+)\.png$")
 
 
 def sample_frames(run_dir, last_epoch):
-    """[(epoch, path)] of the fixed-z sample grids in run_dir up to last_epoch, in order."""
+    """[(epoch, path)] of the fixed-z sample grids in run_dir up to last_epoch, in order; at
+    most MAX_FRAMES of them, evenly spaced, the first and the last always among them."""
     frames = []
     for path in glob.glob(os.path.join(glob.escape(run_dir), "samples_epoch_*.png")):
         match = SAMPLE_FRAME.search(os.path.basename(path))
         if match and int(match.group(1)) <= last_epoch and os.path.isfile(path):
             frames.append((int(match.group(1)), path))
-    return sorted(frames)
+    frames.sort()
+    if len(frames) > MAX_FRAMES:
+        step = (len(frames) - 1) / (MAX_FRAMES - 1)
+        frames = [frames[round(i * step)] for i in range(MAX_FRAMES)]
+    return frames
 
 
 def save_animation(run_dir, last_epoch, path, frame_ms=600, last_frame_ms=2500):
-    """The sample grids of every save, one GIF frame each, labelled with the epoch; loops.
+    """The sample grids of every save (sample_frames), one GIF frame each, labelled with the
+    epoch; loops.
     Written through a temporary file, so a reader never sees half of it. Returns the number of
     frames (0: nothing written)."""
     frames = []
@@ -102,7 +109,7 @@ def save_animation(run_dir, last_epoch, path, frame_ms=600, last_frame_ms=2500):
             frame = Image.new("RGB", (image.width, image.height + HEADER_PX), "white")
             frame.paste(image.convert("RGB"), (0, HEADER_PX))
         ImageDraw.Draw(frame).text((4, 4), f"epoch {epoch}", fill="black", font=_font())
-        frames.append(frame)
+        frames.append(frame.convert("P", palette=Image.Palette.ADAPTIVE))  # GIF's own form: 1 byte a pixel
     if not frames:
         return 0
     durations = [frame_ms] * (len(frames) - 1) + [last_frame_ms]

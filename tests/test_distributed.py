@@ -223,3 +223,51 @@ def test_two_nodes_train_like_one_process(runs):
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
     assert outputs[0][0].count("done: ") == 1 and "done: " not in outputs[1][0]  # rank 0 speaks
     assert_same_training(checkpoint(tmp / "one"), checkpoint(tmp / "nodes"), n_steps=N_TRAIN // 8)
+
+
+def kill_node(node):
+    """SIGKILL a node as a lost machine dies: torchrun's agent and the workers it started (in
+    their own sessions, so killing the agent's group alone would leave them running)."""
+    workers = subprocess.run(["pgrep", "-P", str(node.pid)], capture_output=True, text=True).stdout.split()
+    os.killpg(node.pid, signal.SIGKILL)
+    for pid in map(int, workers):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    node.communicate()
+
+
+@pytest.mark.parametrize("killed", [1, 0])
+def test_a_killed_node_stops_the_other_with_one_line_and_an_intact_checkpoint(long_data, tmp_path, killed):
+    port, out = free_port(), tmp_path / "out"
+    flags = ["--train", "--dataset", "mnist", "--data_dir", long_data, "--output_dir", out, "--n_epochs", 50,
+             "--sample_and_save_frequency", 1, "--threads", 1, *TINY]
+    nodes = [start_node(rank, port, *flags) for rank in (0, 1)]
+    try:
+        for line in nodes[0].stdout:  # rank 0 speaks: epoch 1 ended and was saved
+            if line.startswith("saved "):
+                break
+        time.sleep(0.5)  # into epoch 2, mid-step
+        kill_node(nodes[killed])
+        survivor = nodes[1 - killed]
+        start = time.monotonic()
+        _, err = finish(survivor)
+        seconds = time.monotonic() - start
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                kill_node(node)
+    assert survivor.returncode != 0 and seconds < 60, (seconds, err[-2000:])
+    ours = [line for line in err.splitlines() if line.startswith("VanVAE.py:")]
+    assert len(ours) == 1 and "lost contact with another process of this torchrun job" in ours[0], err[-2000:]
+    assert "resume with: torchrun <its flags> VanVAE.py --train --resume" in ours[0]
+    assert f"[rank{1 - killed}]: Traceback" not in err  # no traceback of ours; torchrun's own report stays
+    path = checkpoint_module.default_path(out, "mnist")
+    saved = checkpoint_module.load(path)  # the last save loads whole
+    assert saved.progress["epoch"] >= 1
+    resume = ["--train", "--resume", "--checkpoint", path, "--data_dir", long_data, "--output_dir", out,
+              "--n_epochs", saved.progress["epoch"] + 1, "--threads", 2, "--precision", "fp32"]
+    resumed = subprocess.run([sys.executable, str(REPO / "VanVAE.py"), *map(str, resume)], cwd=REPO,
+                             capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -142,6 +142,17 @@ def test_the_samples_animation_has_one_frame_per_save(small_data, tmp_path):
         assert grid.size == (4 * 114 + 2, 4 * 114 + 2)
 
 
+def test_a_long_run_animates_at_most_max_frames_saves_evenly_first_and_last_kept(tmp_path):
+    for epoch in range(1, 2 * pictures.MAX_FRAMES + 6):
+        util.save_image_grid(torch.full((1, 1, 4, 4), epoch / 200), str(tmp_path / f"samples_epoch_{epoch:04d}.png"))
+    frames = pictures.sample_frames(str(tmp_path), last_epoch=2 * pictures.MAX_FRAMES + 4)
+    epochs = [epoch for epoch, _ in frames]
+    assert len(epochs) == pictures.MAX_FRAMES and epochs[0] == 1 and epochs[-1] == 2 * pictures.MAX_FRAMES + 4
+    gaps = {b - a for a, b in zip(epochs, epochs[1:])}
+    assert gaps <= {2, 3}  # evenly spaced
+    assert pictures.save_animation(str(tmp_path), 10, str(tmp_path / "a.gif")) == 10  # up to epoch 10 only
+
+
 def test_loss_curves_drop_the_objective_panel_when_it_is_the_elbo():
     row = {"epoch": 1, "train_loss": 5.0, "train_recon_nats": 4.0, "train_kl_nats": 1.0,
            "train_neg_elbo_nats": 5.0, "test_loss": 5.0, "test_recon_nats": 4.0, "test_kl_nats": 1.0,
