@@ -33,6 +33,7 @@ from torchvision import datasets, transforms
 import data
 import metrics
 import training
+import util
 import vae
 from util import UserError
 
@@ -73,9 +74,8 @@ def uint8_splits(image_set, data_dir, n_train, n_test):
             test = data.load_split("fashionmnist", "test", data_dir, download=False)[0]
             return train[:n_train], test[:n_test], "real"
         except UserError:
-            shape = (1, 28, 28)
-    else:
-        shape = (3, 32, 32)
+            pass
+    shape = (1, 28, 28) if image_set == "grey28" else (3, 32, 32)
     return generated_images(n_train, shape, 0), generated_images(n_test, shape, 1), "generated"
 
 
@@ -225,6 +225,7 @@ def measure(job):
     n_train = max(batch_size * (steps + job["warmup"] + 2), job["n_test"])
     train_u8, test_u8, source = uint8_splits(job["image_set"], job["data_dir"], n_train, job["n_test"])
     if job["pipeline"] == "a":
+        util.keep_freed_memory()  # as VanVAE.py does
         settings = training.TrainSettings(batch_size=batch_size, **job["settings"])
         pipeline = VanVAEPipeline(train_u8, test_u8, batch_size, device, settings)
         precision = pipeline.precision
@@ -266,15 +267,27 @@ def matmul_peak_flops(device, dtype, size, repeats):
     return best, best_cpu
 
 
+CPU_FLAGS = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX"))
+
+
 def machine_name(device):
+    """The device, and for a CPU its model, the vector flags that decide its speed (which of
+    AVX2, AVX-512, AVX512-BF16 and AMX it has), cores and threads: a figure says where it came from."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    name, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"
+            for line in f:
+                if line.startswith("model name") and name == (platform.processor() or platform.machine()):
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    has = (", ".join(f"{label} {'yes' if flag in flags else 'no'}" for flag, label in CPU_FLAGS)
+           if flags else "flags unknown")
+    return f"{name} ({has}), {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"
 
 
 # ---------------------------------------------------------------- the table
@@ -375,6 +388,10 @@ def parse_args(argv):
                    help="measure only the loading of your own images: N PNGs written from Fashion-MNIST "
                         "(generated where it is absent), decoded by images.py cold and cached, against "
                         "a torchvision ImageFolder with a DataLoader")
+    p.add_argument("--iw", type=int, default=None, metavar="N",
+                   help="measure only --eval's importance-weighted bound at K=1000 on N test images "
+                        "(the default model, its weights as initialised: the speed does not depend on "
+                        "them), against its floor, the decoder's FLOPs over the fp32 matmul rate")
     p.add_argument("--job", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -434,11 +451,44 @@ def bench_loading(args):
           "(torch included); ImageFolder decodes every image again every epoch")
 
 
+def bench_iw_bound(args, k=1000):
+    """metrics.iw_log_likelihood at K=k on N images: minutes per 10,000 test images (the
+    --eval protocol) against the floor of the decoder's forward FLOPs over torch.mm's rate,
+    with user and system CPU time and page faults (the system time's cause)."""
+    util.keep_freed_memory()  # as VanVAE.py does
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    _, test_u8, source = uint8_splits("grey28", None if args.generated else args.data_dir, args.iw, args.iw)
+    test_u8 = test_u8[:args.iw]
+    torch.manual_seed(0)
+    model = vae.VanillaVAE(vae.VAEConfig("fashionmnist", (1, 28, 28))).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.decode(torch.zeros(256, model.config.latent_dim))
+    decoder_flops = counter.get_total_flops() / 256
+    peak, _ = matmul_peak_flops(torch.device("cpu"), torch.float32, args.matmul_size, 5)
+    metrics.iw_log_likelihood(model, test_u8[:2], k)  # warm-up: oneDNN picks its kernels
+    before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    metrics.iw_log_likelihood(model, test_u8, k)
+    wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+    minutes = wall / test_u8.shape[0] * 10000 / 60
+    floor = decoder_flops * k * 10000 / peak / 60
+    print(f"IW bound, K={k}, {test_u8.shape[0]} {source} Fashion-MNIST test images, fp32; "
+          f"{machine_name(torch.device('cpu'))}")
+    print(f"decoder forward {decoder_flops / 1e6:.2f} MFLOP per sample; torch.mm fp32 {peak / 1e9:.0f} GFLOP/s")
+    print(f"| K=1000 over 10,000 images | minutes | x floor |\n|---|---|---|\n"
+          f"| floor (decoder FLOPs / matmul rate) | {floor:.1f} | 1.00 |\n"
+          f"| measured | {minutes:.1f} | {minutes / floor:.2f} |")
+    print(f"CPU time: user {after.ru_utime - before.ru_utime:.1f} s, system {after.ru_stime - before.ru_stime:.1f} s, "
+          f"{after.ru_minflt - before.ru_minflt} page faults, in {wall:.1f} s wall")
+
+
 def main(argv=None):
     args = parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # each table line as soon as it is measured
     if args.loading:
         bench_loading(args)
+        return 0
+    if args.iw:
+        bench_iw_bound(args)
         return 0
     if args.job:
         print(json.dumps(measure(json.loads(args.job))))

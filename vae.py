@@ -169,16 +169,20 @@ class VanillaVAE(nn.Module):
         return x
 
     def recon_nll(self, out, x):
-        """Per-image reconstruction term: nats of -log p(x|z), or GenerativeZoo's mean MSE."""
+        """Per-image reconstruction term: nats of -log p(x|z), or GenerativeZoo's mean MSE.
+
+        out and x are (..., C, H, W), x broadcast against out (the IW bound scores K decodings
+        of one image without copying it K times); the result has out's leading shape."""
         if self.config.recon_loss == "bernoulli":
-            return F.binary_cross_entropy_with_logits(out, x, reduction="none").flatten(1).sum(1)
+            x = x.expand_as(out)  # a view: the loss function wants equal shapes
+            return F.binary_cross_entropy_with_logits(out, x, reduction="none").flatten(-3).sum(-1)
         if self.config.recon_loss == "mse":
             # GenerativeZoo's objective: per-pixel mean squared error on [-1, 1] images, Tanh output.
-            return (torch.tanh(out) - (2 * x - 1)).pow(2).flatten(1).mean(1)
+            return (torch.tanh(out) - (2 * x - 1)).pow(2).flatten(-3).mean(-1)
         # Gaussian density on [0,1]^D, plus D log 256 to turn it into nats of 8-bit data.
         log_scale = self.log_scale
         nll = 0.5 * ((x - out) / log_scale.exp()).pow(2) + log_scale + 0.5 * math.log(2 * math.pi)
-        return nll.flatten(1).sum(1) + x[0].numel() * LOG_256
+        return nll.flatten(-3).sum(-1) + math.prod(x.shape[-3:]) * LOG_256
 
     def draw_noise(self, n, generator=None, device=None):
         """The random numbers loss() would draw from `generator` for n images, in its order.

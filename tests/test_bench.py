@@ -26,6 +26,17 @@ def test_quick_bench_prints_the_table_with_every_column(tmp_path):
         assert float(cells[bench.COLUMNS.index("train images/s")]) > 0
     assert sum("(a)/(b) training images/s" in line for line in lines) == 2
     assert "matmul peak" in result.stdout
+    assert "AVX2 " in result.stdout and "AVX512-BF16 " in result.stdout and "AMX " in result.stdout
+
+
+def test_the_iw_bound_bench_prints_its_floor_and_the_measured_time(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "bench.py"), "--iw", "2", "--generated",
+                             "--matmul_size", "256"], capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    floor = next(line for line in result.stdout.splitlines() if line.startswith("| floor"))
+    measured = next(line for line in result.stdout.splitlines() if line.startswith("| measured"))
+    assert float(floor.split("|")[2]) > 0 and float(measured.split("|")[3]) > 0
+    assert "page faults" in result.stdout and "AVX-512 " in result.stdout
 
 
 

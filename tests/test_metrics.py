@@ -72,6 +72,36 @@ def test_iw_bound_is_batched_over_images_and_samples_without_changing_its_meanin
     assert torch.allclose(small_chunks, one_call, atol=2.0)
 
 
+def trained_batchnorm(model, images):
+    """A few training-mode passes, so BatchNorm's running statistics are not the identity."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model.loss(images.float() / 255)
+    return model.eval()
+
+
+@pytest.mark.parametrize("recon_loss", ["bernoulli", "gaussian", "mse"])
+def test_the_fast_decoding_copy_decodes_as_the_model_does(recon_loss):
+    model = trained_batchnorm(tiny_model(recon_loss), shape_images(32))
+    fast = metrics.decoding_copy(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.decoder.modules())  # folded
+    z = torch.randn(16, 4)
+    with torch.no_grad():
+        assert torch.allclose(fast.decode(z), model.decode(z), atol=1e-5, rtol=1e-5)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.decoder.modules())  # the model is untouched
+
+
+@pytest.mark.parametrize("recon_loss", ["bernoulli", "gaussian", "mse"])
+def test_recon_nll_of_k_decodings_against_one_uncopied_image_equals_the_copied_form(recon_loss):
+    model = tiny_model(recon_loss)
+    x = shape_images(3).float() / 255
+    out = torch.randn(3, 5, 1, 28, 28)
+    broadcast = model.recon_nll(out, x[:, None])
+    copied = model.recon_nll(out.reshape(15, 1, 28, 28), x.repeat_interleave(5, 0)).view(3, 5)
+    assert broadcast.shape == (3, 5) and torch.allclose(broadcast, copied, rtol=1e-6)
+
+
 def test_bits_per_dim_is_nats_over_dims_times_ln2():
     assert metrics.bits_per_dim(784 * math.log(2), 784) == pytest.approx(1.0)
 
