@@ -5,9 +5,7 @@ a checkpoint that keeps them, and figures that stay the true ELBO while the obje
 import contextlib
 import io
 import math
-import os
 import shutil
-import signal
 
 import pytest
 import torch
@@ -22,16 +20,14 @@ import VanVAE
 from test_reliability import (
     CHECKPOINT,
     SMALL_MODEL,
-    WAIT_S,
     assert_one_line_error,
     assert_same_training_state,
-    read_or_eof,
+    one_thread,  # noqa: F401 (autouse: this module's tests run on one thread too)
     resume_command_from,
     run_cli,
     run_main,
+    sigint_in_epoch_2,
     snapshot,
-    start_cli_on_a_terminal,
-    wait_for_text,
 )
 
 LR, KLD_WEIGHT = 0.01, 0.5
@@ -41,14 +37,6 @@ RECIPE = ["--lr", LR, "--kld_weight", KLD_WEIGHT, "--lr_schedule", "cosine", "--
 
 def cosine(step, total_steps):
     return LR * 0.5 * (1 + math.cos(math.pi * step / total_steps))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def train_recording(*flags):
@@ -161,15 +149,7 @@ def test_sigint_mid_epoch_with_cosine_and_warm_up_resumes_bit_identical(tmp_path
     common = ["--train", "--data_dir", long_data, *SMALL_MODEL, "--seed", 5, "--n_epochs", 2, *RECIPE]
     assert run_cli(*common, "--output_dir", tmp_path / "a").returncode == 0
 
-    proc, terminal = start_cli_on_a_terminal(*common, "--output_dir", tmp_path / "b")
-    shown = wait_for_text(proc, terminal, "epoch 2/2")  # the bar of epoch 2 (300 steps) is up
-    proc.send_signal(signal.SIGINT)
-    while chunk := read_or_eof(terminal):
-        shown += chunk
-    os.close(terminal)
-    proc.communicate(timeout=WAIT_S)
-    err = shown.decode(errors="replace").replace("\r", "\n")
-    assert proc.returncode == 130, err
+    err = sigint_in_epoch_2(*common, "--output_dir", tmp_path / "b")
     stopped = util.load_torch_file(tmp_path / "b" / CHECKPOINT)
     assert stopped["epoch"] == 1 and stopped["step"] > 0, "the stop was not mid-epoch"
 

@@ -196,12 +196,11 @@ def test_resume_at_an_epoch_boundary_ends_bit_identical(tmp_path, small_data):
                                util.load_torch_file(tmp_path / "b" / CHECKPOINT))
 
 
-def test_sigint_mid_epoch_then_the_printed_resume_command_ends_bit_identical(tmp_path, long_data):
-    common = ["--train", "--data_dir", long_data, *SMALL_MODEL, "--seed", "5", "--n_epochs", 2]
-    assert run_cli(*common, "--output_dir", tmp_path / "a").returncode == 0
-
-    proc, terminal = start_cli_on_a_terminal(*common, "--output_dir", tmp_path / "b")
-    shown = wait_for_text(proc, terminal, "epoch 2/2")  # the bar of epoch 2 (300 steps) is up
+def sigint_in_epoch_2(*args):
+    """Start the CLI on a terminal, send SIGINT once epoch 2's bar (300 steps) is up, and
+    return what the terminal showed, carriage returns as newlines; it must stop with 130."""
+    proc, terminal = start_cli_on_a_terminal(*args)
+    shown = wait_for_text(proc, terminal, "epoch 2/2")
     proc.send_signal(signal.SIGINT)
     while chunk := read_or_eof(terminal):
         shown += chunk
@@ -209,6 +208,14 @@ def test_sigint_mid_epoch_then_the_printed_resume_command_ends_bit_identical(tmp
     proc.communicate(timeout=WAIT_S)
     err = shown.decode(errors="replace").replace("\r", "\n")
     assert proc.returncode == 130, err
+    return err
+
+
+def test_sigint_mid_epoch_then_the_printed_resume_command_ends_bit_identical(tmp_path, long_data):
+    common = ["--train", "--data_dir", long_data, *SMALL_MODEL, "--seed", "5", "--n_epochs", 2]
+    assert run_cli(*common, "--output_dir", tmp_path / "a").returncode == 0
+
+    err = sigint_in_epoch_2(*common, "--output_dir", tmp_path / "b")
     stopped = util.load_torch_file(tmp_path / "b" / CHECKPOINT)
     assert stopped["epoch"] == 1 and stopped["step"] > 0, "the stop was not mid-epoch"
 
