@@ -30,8 +30,9 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def number_type(kind, minimum, rule, minimum_allowed=True):
-    """An argparse type: a finite int or float no smaller than `minimum` (or above it)."""
+def number_type(kind, minimum, rule, minimum_allowed=True, maximum=None):
+    """An argparse type: a finite int or float no smaller than `minimum` (or above it), and no
+    larger than `maximum` if given."""
     noun = "whole number" if kind is int else "number"
 
     def parse(text):
@@ -39,7 +40,8 @@ def number_type(kind, minimum, rule, minimum_allowed=True):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {noun}") from None
-        if not math.isfinite(value) or value < minimum or (value == minimum and not minimum_allowed):
+        if (not math.isfinite(value) or value < minimum or (value == minimum and not minimum_allowed)
+                or (maximum is not None and value > maximum)):
             raise argparse.ArgumentTypeError(f"must be {rule}, not {text}")
         return value
     return parse
@@ -64,6 +66,9 @@ positive_int = number_type(int, 1, "at least 1")
 nonnegative_int = number_type(int, 0, "zero or more")
 positive_float = number_type(float, 0, "a positive number", minimum_allowed=False)
 nonnegative_float = number_type(float, 0, "zero or a positive number")
+# torch's generators take seeds below 2^64; the run derives seed + 1 and seed + 2 from it.
+MAX_SEED = 2**63 - 1
+seed_type = number_type(int, 0, f"a whole number from 0 to {MAX_SEED}", maximum=MAX_SEED)
 
 
 def build_parser():
@@ -130,7 +135,7 @@ def build_parser():
     p.add_argument("--data_dir", default="./data", help="where datasets are found or downloaded (default: ./data)")
     p.add_argument("--output_dir", default=".",
                    help="where models/ and runs/ are written (default: . the working directory)")
-    p.add_argument("--seed", type=int, default=None,
+    p.add_argument("--seed", type=seed_type, default=None,
                    help="random seed for weights, shuffling and sampling (default: none, meaning a "
                         "fresh one, printed and saved so the run can be repeated)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
@@ -275,6 +280,9 @@ def given_flags(parser, argv):
 def check_path_flags(args):
     """Every path flag's kind, before any work: a folder where a file is wanted, a file where
     a folder is, a link loop or a broken link is one line here, not a failure an epoch later."""
+    for flag, dataset in (("--dataset", args.dataset), ("--out_dataset", args.out_dataset)):
+        if dataset is not None and settings.is_path_dataset(dataset) and not os.path.exists(dataset):
+            raise UserError(f"{flag} {dataset}: no such folder or file")
     for flag, folder in (("--output_dir", args.output_dir), ("--data_dir", args.data_dir)):
         if os.path.exists(folder) and not os.path.isdir(folder):
             raise UserError(f"{flag} {folder} is a file, not a folder")
