@@ -37,7 +37,8 @@ def random_split(name, n, image_size=28, seed=0):
     channels, size = {"cifar10": (3, 32), "svhn": (3, 32), "mnist": (1, 28),
                       "fashionmnist": (1, 28)}.get(name, (1, image_size))
     images = rng.integers(0, 256, size=(n, channels, size, size), dtype=np.uint8)
-    images[0, 0, 0, 0], images[-1, -1, -1, -1] = 0, 255  # the extremes survive a round trip
+    if n:
+        images[0, 0, 0, 0], images[-1, -1, -1, -1] = 0, 255  # the extremes survive a round trip
     if name == "chestmnist":
         labels = rng.integers(0, 2, size=(n, 14), dtype=np.uint8)
         labels[0] = 0  # at least one image with no finding

@@ -83,3 +83,31 @@ def test_a_path_of_the_wrong_kind_is_one_line_in_every_mode(capsys, tmp_path, mo
     assert_one_line_error(code, err, flag)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "afolder"]
     assert list((tmp_path / "afolder").iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def empty_splits(tmp_path_factory):
+    """MNIST folders in the real IDX format with no test images, and with no training images,
+    and a model trained on a normal one."""
+    from fakedata import write_dataset
+    root = tmp_path_factory.mktemp("splits")
+    write_dataset("mnist", root / "no_test", n_train=32, n_test=0)
+    write_dataset("mnist", root / "no_train", n_train=0, n_test=8)
+    write_dataset("mnist", root / "normal", n_train=32, n_test=8)
+    assert VanVAE.main(["--train", "--data_dir", str(root / "normal"), "--output_dir", str(root / "out"),
+                        "--n_epochs", "1", "--hidden_dims", "8", "16", "--latent_dim", "4", "--batch_size", "8",
+                        "--seed", "1"]) == 0
+    return root
+
+
+@pytest.mark.parametrize("mode, split", [("--train", "no_test"), ("--train", "no_train"), ("--eval", "no_test"),
+                                         ("--outlier_detection", "no_test"), ("--fit_prior", "no_train")])
+def test_a_split_of_zero_images_is_one_line_in_every_mode_that_reads_it(capsys, tmp_path, empty_splits, mode, split):
+    checkpoint = empty_splits / "out" / "models" / "VanillaVAE" / "VanillaVAE_mnist.pt"
+    given = {"--train": ["--output_dir", tmp_path / "out"], "--fit_prior": ["--checkpoint", checkpoint]}.get(
+        mode, ["--checkpoint", checkpoint, "--fid_samples", 0])
+    capsys.readouterr()
+    before = checkpoint.read_bytes()
+    code, _, err = run_main(capsys, mode, *MODES[mode], "--data_dir", empty_splits / split, *given)
+    assert_one_line_error(code, err, "mnist")
+    assert checkpoint.read_bytes() == before and not (tmp_path / "out").exists()
