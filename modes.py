@@ -243,6 +243,7 @@ def fit_priors(ckpt, names, train_images, n_components, automatic=False):
     seed = ckpt.training.seed if ckpt.training is not None else 0
     fitted = {}
     for name in names:
+        print(f"fitting the {name} prior to the {fitted_on} ...", flush=True)  # a minute or more
         start = time.perf_counter()
         try:
             if name == "gmm":
