@@ -334,8 +334,9 @@ def main(argv=None):
               + ("; nothing was saved" if mode == "train" else ""), file=sys.stderr)
         return 130
     except Exception as e:
-        if distributed is not None and distributed.lost_contact(e) and mode == "train":
-            print(lost_contact_message(args, distributed.lost_contact(e)), file=sys.stderr, flush=True)
+        reason = distributed.lost_contact(e) if distributed is not None and mode == "train" else None
+        if reason:
+            print(lost_contact_message(args, reason), file=sys.stderr, flush=True)
             return 1
         if training is None or not isinstance(e, training.StopRequested):
             raise

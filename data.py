@@ -118,14 +118,17 @@ def load_split(name, split, data_dir, image_size=None, download=True):
         raise UserError(f"{name}: no copy in {folder} ({os.path.basename(missing[0])} is missing) "
                         f"and downloading is off; allow the download or copy the files there"
                         f"{_how_to_get(name)}")
-    folders_before = _folders(data_dir)
+    # What exists before a download, so a failed one can remove the folders it made (walked only
+    # then: data_dir may hold large folders of the user's images).
+    folders_before = _folders(data_dir) if missing else None
     if missing:
         os.makedirs(data_dir, exist_ok=True)  # medmnist refuses a root that does not exist
     try:
         images, labels = _read(name, split, data_dir, size, download=bool(missing))
     except Exception as error:  # the libraries raise anything from AssertionError to KeyError
         if _missing(needed):
-            _remove_new_empty_folders(data_dir, folders_before)
+            if folders_before is not None:
+                _remove_new_empty_folders(data_dir, folders_before)
             raise UserError(f"{name}: no copy in {folder} and the download failed "
                             f"(no internet? {first_line(error)}); run once on a machine that is "
                             f"online and copy the files there{_how_to_get(name)}") from None

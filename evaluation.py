@@ -67,12 +67,9 @@ def inception_reference(model, raw_images, cache_dir):
     import fid  # loads the Inception network's package only when FID is asked for
     net = fid.load_network()
     key = f"{model.config.dataset}_{model.config.image_shape[-1]}px_test"
-    bar = Progress("FID reference features", raw_images.shape[0], "image", estimate=True,
-                   shorter="--eval_images N (fewer test images) or --fid_samples 0 (no FID)")
-    try:
+    with Progress("FID reference features", raw_images.shape[0], "image", estimate=True,
+                  shorter="--eval_images N (fewer test images) or --fid_samples 0 (no FID)") as bar:
         return net, fid.reference_features(net, raw_images, cache_dir, key, on_progress=bar.update)
-    finally:
-        bar.close()
 
 
 GRID_SAMPLES = 64  # images in each prior's sample grid
@@ -96,10 +93,9 @@ def sample_quality_by_prior(model, priors, n_samples, seed, reference, stem):
                   "network", flush=True)
             samples = sampling.prior_samples_uint8(model, n_samples, torch.Generator(device).manual_seed(seed),
                                                    state)
-            bar = Progress(f"Inception features, {name} prior", n_samples, "image", estimate=True,
-                           shorter="--fid_samples 2000 (a noisier FID) or --prior standard (one prior)")
-            feats = fid.features(net, samples, on_progress=bar.update)
-            bar.close()
+            with Progress(f"Inception features, {name} prior", n_samples, "image", estimate=True,
+                          shorter="--fid_samples 2000 (a noisier FID) or --prior standard (one prior)") as bar:
+                feats = fid.features(net, samples, on_progress=bar.update)
             figures = fid.sample_quality(ref, feats)
         quality[name] = {**figures, "n_samples": n_samples, "seconds": time.perf_counter() - start}
     return quality, grids
@@ -148,12 +144,9 @@ def iw_bound_with_progress(model, images, iw_samples, seed):
     """metrics.iw_log_likelihood, announced with its size and estimated time, and shown as it goes."""
     print(f"importance-weighted bound: {images.shape[0]} images x K={iw_samples} decoder passes",
           flush=True)
-    bar = Progress(f"IW bound K={iw_samples}", images.shape[0], "image", estimate=True,
-                   shorter="--iw_samples 100 or --eval_images 1000")
-    try:
+    with Progress(f"IW bound K={iw_samples}", images.shape[0], "image", estimate=True,
+                  shorter="--iw_samples 100 or --eval_images 1000") as bar:
         return metrics.iw_log_likelihood(model, images, iw_samples, seed=seed, on_progress=bar.update)
-    finally:
-        bar.close()
 
 
 def format_eval_table(report):

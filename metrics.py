@@ -11,6 +11,7 @@ import math
 import numpy as np
 import torch
 
+import vae
 from util import to_float
 
 LOG_2PI = math.log(2 * math.pi)
@@ -129,16 +130,18 @@ def posterior_means(model, images, batch_size=500):
 
 
 @torch.no_grad()
-def kl_per_dimension(model, images, batch_size=500):
-    """Mean KL(q(z_j|x) || N(0, 1)) of each latent dimension over the images, nats, (D,)
-    float64: which coordinates carry information (they sum to the ELBO's KL term)."""
-    total = None
+def kl_per_dimension_and_means(model, images, batch_size=500):
+    """In one encoder pass: the mean KL(q(z_j|x) || N(0, 1)) of each latent dimension over the
+    images, nats, (D,) float64 (which coordinates carry information; they sum to the ELBO's KL
+    term), and the posterior means E[z|x], (N, D) float32 CPU, as posterior_means gives them."""
+    total, means = None, []
     with eval_mode(model) as device:
         for part in _batches(images.shape[0], batch_size):
             mu, logvar = model.encode(model.model_input(to_float(images[part], device), u=0.5))
-            kl = 0.5 * (mu.double().pow(2) + logvar.double().exp() - 1 - logvar.double()).sum(0)
+            kl = vae.kl_terms(mu.double(), logvar.double()).sum(0)
             total = kl if total is None else total + kl
-    return (total / images.shape[0]).cpu()
+            means.append(mu.cpu())
+    return (total / images.shape[0]).cpu(), torch.cat(means)
 
 
 @torch.no_grad()

@@ -47,8 +47,7 @@ def traversal(model, images, index=0):
     """(grid tensor (C, H, W) in [0, 1], [(dimension, KL nats)], scale): each row moves one
     informative coordinate from -3 to +3 with the others at the posterior mean of test image
     `index`."""
-    kl = metrics.kl_per_dimension(model, images)
-    means = metrics.posterior_means(model, images)
+    kl, means = metrics.kl_per_dimension_and_means(model, images)
     dims = traversal_dimensions(kl, means)
     values = torch.linspace(-TRAVERSAL_RANGE, TRAVERSAL_RANGE, TRAVERSAL_STEPS)
     z = means[index].repeat(len(dims), TRAVERSAL_STEPS, 1)  # (rows, steps, D)

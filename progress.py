@@ -115,3 +115,9 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
         return time.perf_counter() - self.start
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

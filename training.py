@@ -343,7 +343,8 @@ def train(model, train_images, test_images, settings, resume=None):
                            done=first_step * batch, interval=settings.progress_seconds,
                            more=run_left, enabled=settings.progress)
             for step in range(first_step, n_batches):
-                recipe = schedules.at_step(settings, (epoch - 1) * n_batches + step, n_batches)
+                global_step = (epoch - 1) * n_batches + step  # optimizer steps before this one
+                recipe = schedules.at_step(settings, global_step, n_batches)
                 sums += step_fn(train_images, order[step * batch:(step + 1) * batch], batch, rows, *recipe)
                 postfix = None
                 if step % 25 == 0 or step == n_batches - 1:
@@ -354,7 +355,7 @@ def train(model, train_images, test_images, settings, resume=None):
                         raise non_finite_loss(epoch, settings)
                     postfix = f"step {step + 1}/{n_batches}, loss {running:.4g}"
                     if board is not None:
-                        board.running_loss((epoch - 1) * n_batches + step + 1, running)
+                        board.running_loss(global_step + 1, running)
                 bar.update((step + 1) * batch, postfix)
                 stop_name = distributed.agreed_signal(stop.name)  # all processes stop at one step
                 if stop_name is not None and step < n_batches - 1:
@@ -377,8 +378,7 @@ def train(model, train_images, test_images, settings, resume=None):
             train_terms = {"recon": recon, "kl": kl, "loss": loss}
             # The test objective weighs KL as warm-up has reached by the epoch's end; its -ELBO,
             # like the train one, is recon + KL whatever the weight.
-            kl_weight = schedules.kl_weight(settings.kld_weight, epoch * n_batches,
-                                            settings.kl_warmup_epochs * n_batches)
+            _, kl_weight = schedules.at_step(settings, epoch * n_batches, n_batches)
             test_terms = metrics.mean_elbo_terms(model, test_images, kl_weight,
                                                  settings.batch_size, settings.seed)
             row = epoch_row(model.config, epoch, train_terms, test_terms, seconds, n_seen / seconds)

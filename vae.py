@@ -92,6 +92,12 @@ def at_least_fp32(t):
     return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
+def kl_terms(mu, logvar):
+    """KL(N(mu, sigma^2) || N(0, 1)) of each latent coordinate, in closed form (Kingma and
+    Welling 2014, appendix B); summed over the last dimension it is the ELBO's KL term."""
+    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+
+
 class VanillaVAE(nn.Module):
     """Convolutional encoder to a diagonal Gaussian q(z|x); a mirrored decoder back to the
     input's exact shape, whatever its size, so no image is ever resized."""
@@ -206,8 +212,7 @@ class VanillaVAE(nn.Module):
         mu, logvar = (at_least_fp32(t) for t in self.encode(x))
         out = at_least_fp32(self.decode(self.reparameterize(mu, logvar, generator, noise.get("eps"))))
         recon = self.recon_nll(out, x)
-        # KL(N(mu, sigma^2) || N(0, I)) in closed form: Kingma and Welling 2014, appendix B.
-        kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
+        kl = kl_terms(mu, logvar).sum(1)
         return {"loss": (recon + kld_weight * kl).mean(), "recon": recon, "kl": kl}
 
     # DistributedDataParallel synchronises gradients only through forward(), so training
