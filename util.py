@@ -43,7 +43,7 @@ def seed_everything(seed):
 
 # glibc's mallopt parameters (malloc.h): M_TRIM_THRESHOLD, M_MMAP_THRESHOLD.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-# Blocks up to 64 MiB (a step's activations at batch 128, an IW chunk of 256 decodings) come from
+# Blocks up to 64 MiB (a step's activations at batch 128, an IW bound's chunk) come from
 # the heap and are reused; larger ones (a 100,000-sample tensor) are still mapped and handed back,
 # and at most 128 MiB of free heap is kept, so resident memory stays bounded.
 MMAP_THRESHOLD, TRIM_THRESHOLD = 64 * 2**20, 128 * 2**20
