@@ -48,8 +48,8 @@ class Conv2d(nn.Conv2d):
       the bottleneck (a 2x2 input, stride 2, padding 1) 5 of the 9 taps only ever see zero
       padding, and a GEMM beats the conv kernel there;
     - the final layer's single output channel (grey images) without gradients on a CPU in
-      fp32 channels-last, as decoding for the IW bound, sampling and the test pass runs it:
-      see one_channel_as_gemm."""
+      fp32 channels-last, as the IW bound's decoding copy and a training run's test pass and
+      sample grids run it: see one_channel_as_gemm."""
 
     def forward(self, x):
         h, w = x.shape[-2:]
