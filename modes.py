@@ -249,7 +249,7 @@ def fit_priors(ckpt, names, train_images, n_components, automatic=False):
             if name == "gmm":
                 k = min(n_components, n_codes) if automatic else n_components
                 fitted[name] = priors.fit_gmm(codes, k, seed, fitted_on)
-                how = f"{k} full-covariance components, EM"
+                how = f"{k} full-covariance component{'' if k == 1 else 's'}, EM"
             else:
                 fitted[name] = priors.fit_two_stage(codes, seed, fitted_on)
                 how = "a second VAE on the codes (Dai and Wipf 2019)"
