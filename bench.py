@@ -267,6 +267,7 @@ def matmul_peak_flops(device, dtype, size, repeats):
     return best, best_cpu
 
 
+ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
 CPU_FLAGS = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX"))
 
 
@@ -287,7 +288,12 @@ def machine_name(device):
         pass
     has = (", ".join(f"{label} {'yes' if flag in flags else 'no'}" for flag, label in CPU_FLAGS)
            if flags else "flags unknown")
-    return f"{name} ({has}), {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"
+    # Set, these make an AVX-512 machine run the kernels an AVX2-only one would (bench's way
+    # to measure that kind of machine where none is at hand); the line must say so.
+    limits = [f"{var}={os.environ[var]}" for var in ISA_LIMITS if os.environ.get(var)]
+    limited = (f"; instruction sets limited by {' '.join(limits)}, ATen kernels "
+               f"{torch.backends.cpu.get_cpu_capability()}" if limits else "")
+    return f"{name} ({has}{limited}), {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"
 
 
 # ---------------------------------------------------------------- the table
