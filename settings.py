@@ -67,7 +67,7 @@ class TrainSettings:
     tensorboard: bool = False  # event files in run_dir too (board.py)
     precision: str = "auto"  # autocast dtype for convolutions and matrix products: PRECISIONS
     channels_last: bool = True  # NHWC activations and weights (oneDNN's preferred layout)
-    compile: bool = False  # torch.compile the encoder and decoder
+    compile: bool = False  # torch.compile the training forward (training.prepare_model)
     binarize: bool = False  # a fresh binarisation of every batch (dynamic binarisation)
     data_source: dict | None = None  # the user's own images: data.load_splits' source
     n_train: int | None = None  # images in the splits, recorded so --resume can check them

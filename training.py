@@ -5,6 +5,7 @@ file never reads datasets from disk."""
 
 import contextlib
 import math
+import os
 import signal
 import sys
 import time
@@ -119,14 +120,25 @@ def images_on_device(images, device):
         return images.pin_memory()
 
 
+USER_INDUCTOR_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # as the process began
+
+
 def prepare_model(model, precision, channels_last, compile_):
     """Memory layout and compilation, in place; returns the fp16 GradScaler or None."""
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if compile_:
-        # In place, so the state_dict keys (and the checkpoints) stay those of the eager model.
-        for part in (model.encoder, model.decoder, model.final_layer):
-            part.compile()
+        # The whole training forward (layers, likelihood and KL) as one graph, in place, so the
+        # state_dict keys (and the checkpoints) stay the eager model's. Measured on a 2-core AMD
+        # EPYC: +4% images/s in fp32, +1.5% in bf16; compiling the encoder and decoder apart was
+        # slower than eager. Inductor caches what it compiled on disk; under ~/.cache, not its
+        # default /tmp, so a machine pays the first compile (15-25 s there) once, not after
+        # every reboot (4 s from the cache).
+        # Set over inductor's own default, which it writes into the environment the first time
+        # anything asks for it; a directory the user set is theirs.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = USER_INDUCTOR_CACHE or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vanvae", "torchinductor")
+        model.compile()
     return torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
 

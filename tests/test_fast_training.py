@@ -103,3 +103,28 @@ def test_fp16_on_a_cpu_is_refused_in_one_line(capsys):
 def test_auto_precision_is_a_real_dtype():
     assert training.resolve_precision("auto", torch.device("cpu")) in ("bf16", "fp32")
     assert training.resolve_precision("fp32", torch.device("cpu")) == "fp32"
+
+
+def test_compile_trains_the_same_steps_as_eager_and_caches_where_it_says(tmp_path, monkeypatch):
+    """--compile compiles the whole training forward in place: the same losses and weights as
+    eager to float precision, the same state_dict keys (so checkpoints load either way), and
+    inductor's cache under ~/.cache (here XDG_CACHE_HOME), not /tmp."""
+    monkeypatch.setattr(training, "USER_INDUCTOR_CACHE", None)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/set-by-inductor-itself")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    images = torch.randint(0, 256, (16, 1, 12, 12), dtype=torch.uint8)
+    runs = {}
+    for compile_ in (False, True):
+        torch.manual_seed(0)
+        model = vae.VanillaVAE(vae.VAEConfig("t", (1, 12, 12), latent_dim=4, hidden_dims=(4, 8)))
+        keys = list(model.state_dict())
+        step = training.TrainStep(model, training.TrainSettings(precision="fp32", compile=compile_),
+                                  torch.device("cpu"))
+        losses = [step(images, torch.arange(8 * i, 8 * i + 8), 8, slice(None), 1e-2, 1.0)[2].item()
+                  for i in range(2)]
+        assert list(model.state_dict()) == keys
+        runs[compile_] = losses, [p.detach().clone() for p in model.parameters()]
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-4)
+    for compiled, eager in zip(runs[True][1], runs[False][1]):
+        torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-4)
+    assert any((tmp_path / "vanvae" / "torchinductor").iterdir())
