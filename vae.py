@@ -197,6 +197,31 @@ class OneChannelConv(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+class BernoulliNLL(torch.autograd.Function):
+    """-log p(x | logits) of each pixel under a Bernoulli decoder, x broadcast against the
+    logits: F.binary_cross_entropy_with_logits(logits, x, reduction="none"), written out as
+    max(l, 0) - l x + log(1 + exp(-|l|)).
+
+    torch's kernel calls log1p, which this torch build runs unvectorised on a CPU: 2.2 ms for
+    128 colour 32 x 32 images, 15 times exp's cost, 4.5% of a bf16 training step and 6% of the
+    IW bound. log(1 + e) with e = exp(-|l|) <= 1 vectorises and is off by at most e < 6e-8 where
+    1 + e rounds to 1; measured against float64, its largest error per pixel (1e-6) and per
+    image sum (1e-5 to 2e-5 nats) are the stock kernel's. 3 to 5 times faster."""
+
+    @staticmethod
+    def forward(ctx, logits, x):
+        ctx.save_for_backward(logits, x)
+        nll = logits.abs().neg_().exp_().add_(1).log_()
+        return nll.add_(logits.clamp_min(0)).sub_(logits * x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, x = ctx.saved_tensors
+        grad_logits = grad * (torch.sigmoid(logits) - x) if ctx.needs_input_grad[0] else None
+        grad_x = (-grad * logits).sum_to_size(x.shape) if ctx.needs_input_grad[1] else None
+        return grad_logits, grad_x
+
+
 # No bias before BatchNorm: it subtracts the batch mean, so such a bias has no true gradient and
 # Adam would only turn rounding noise into drift (which also made processes disagree).
 def conv_block(c_in, c_out):
@@ -302,8 +327,7 @@ class VanillaVAE(nn.Module):
         out and x are (..., C, H, W), x broadcast against out (the IW bound scores K decodings
         of one image without copying it K times); the result has out's leading shape."""
         if self.config.recon_loss == "bernoulli":
-            x = x.expand_as(out)  # a view: the loss function wants equal shapes
-            return F.binary_cross_entropy_with_logits(out, x, reduction="none").flatten(-3).sum(-1)
+            return BernoulliNLL.apply(out, x).flatten(-3).sum(-1)
         if self.config.recon_loss == "mse":
             # GenerativeZoo's objective: per-pixel mean squared error on [-1, 1] images, Tanh output.
             return (torch.tanh(out) - (2 * x - 1)).pow(2).flatten(-3).mean(-1)

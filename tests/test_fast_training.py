@@ -128,3 +128,23 @@ def test_compile_trains_the_same_steps_as_eager_and_caches_where_it_says(tmp_pat
     for compiled, eager in zip(runs[True][1], runs[False][1]):
         torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-4)
     assert any((tmp_path / "vanvae" / "torchinductor").iterdir())
+
+
+def test_bernoulli_nll_is_torchs_binary_cross_entropy_with_broadcast_and_extreme_logits():
+    """The Bernoulli term, written out so it vectorises, gives torch's own values and gradients
+    (float64), with the image broadcast against K decodings as the IW bound scores them, and
+    logits far out where exp(-|l|) underflows."""
+    torch.manual_seed(0)
+    logits = (torch.randn(5, 3, 4, 6, dtype=torch.double) * 30).requires_grad_()
+    logits.data[0, 0, 0, :3] = torch.tensor([-200.0, 200.0, 0.0], dtype=torch.double)
+    x = torch.rand(3, 4, 6, dtype=torch.double).requires_grad_()
+    ours = vae.BernoulliNLL.apply(logits, x)
+    stock = nn.functional.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none")
+    torch.testing.assert_close(ours, stock, rtol=1e-12, atol=1e-12)
+    for got, want in zip(torch.autograd.grad(ours.sum(), (logits, x)), torch.autograd.grad(stock.sum(), (logits, x))):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    single = (torch.randn(4, 1, 28, 28) * 8).contiguous(memory_format=torch.channels_last)
+    pixels = torch.rand(4, 1, 28, 28)
+    per_image = vae.VanillaVAE(vae.VAEConfig("t", (1, 28, 28))).recon_nll(single, pixels)
+    expected = nn.functional.binary_cross_entropy_with_logits(single.double(), pixels.double(), reduction="none")
+    torch.testing.assert_close(per_image.double(), expected.sum((1, 2, 3)), rtol=1e-6, atol=0)  # fp32 sums of 784
