@@ -4,10 +4,12 @@ step fast, and the signal handling that makes a run resumable. Tensors in, tenso
 file never reads datasets from disk."""
 
 import contextlib
+import getpass
 import math
 import os
 import signal
 import sys
+import tempfile
 import time
 
 import torch
@@ -120,7 +122,17 @@ def images_on_device(images, device):
         return images.pin_memory()
 
 
-USER_INDUCTOR_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # as the process began
+def inductor_cache_dir():
+    """Where torch.compile keeps what it compiled: a directory the user set is theirs; else
+    ~/.cache/vanvae/torchinductor (or under $XDG_CACHE_HOME). Inductor's own default is in /tmp,
+    and inductor writes it into the environment the first time any library asks for it (some
+    of the libraries modes.py imports do), so that value counts as unset."""
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    inductors_default = os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
+    if current and os.path.abspath(current) != os.path.abspath(inductors_default):
+        return current
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                        "vanvae", "torchinductor")
 
 
 def prepare_model(model, precision, channels_last, compile_):
@@ -134,10 +146,7 @@ def prepare_model(model, precision, channels_last, compile_):
         # slower than eager. Inductor caches what it compiled on disk; under ~/.cache, not its
         # default /tmp, so a machine pays the first compile (15-25 s there) once, not after
         # every reboot (4 s from the cache).
-        # Set over inductor's own default, which it writes into the environment the first time
-        # anything asks for it; a directory the user set is theirs.
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = USER_INDUCTOR_CACHE or os.path.join(
-            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vanvae", "torchinductor")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir()
         model.compile()
     return torch.amp.GradScaler("cuda") if precision == "fp16" else None
 

@@ -1,6 +1,10 @@
 """The speed-ups change no result: the GEMM bottleneck computes what stock layers compute, and
 precision flags that cannot work on this device are refused with one line."""
 
+import getpass
+import os
+import tempfile
+
 import pytest
 import torch
 import torch.nn as nn
@@ -109,8 +113,9 @@ def test_compile_trains_the_same_steps_as_eager_and_caches_where_it_says(tmp_pat
     """--compile compiles the whole training forward in place: the same losses and weights as
     eager to float precision, the same state_dict keys (so checkpoints load either way), and
     inductor's cache under ~/.cache (here XDG_CACHE_HOME), not /tmp."""
-    monkeypatch.setattr(training, "USER_INDUCTOR_CACHE", None)
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/set-by-inductor-itself")
+    # As inductor leaves it once any library has asked (modes.py's imports do): its /tmp default.
+    inductors_default = os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", inductors_default)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     images = torch.randint(0, 256, (16, 1, 12, 12), dtype=torch.uint8)
     runs = {}
@@ -148,3 +153,11 @@ def test_bernoulli_nll_is_torchs_binary_cross_entropy_with_broadcast_and_extreme
     per_image = vae.VanillaVAE(vae.VAEConfig("t", (1, 28, 28))).recon_nll(single, pixels)
     expected = nn.functional.binary_cross_entropy_with_logits(single.double(), pixels.double(), reduction="none")
     torch.testing.assert_close(per_image.double(), expected.sum((1, 2, 3)), rtol=1e-6, atol=0)  # fp32 sums of 784
+
+
+def test_a_cache_folder_the_user_chose_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert training.inductor_cache_dir() == str(tmp_path / "mine")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert training.inductor_cache_dir() == str(tmp_path / "vanvae" / "torchinductor")
