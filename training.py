@@ -4,12 +4,10 @@ step fast, and the signal handling that makes a run resumable. Tensors in, tenso
 file never reads datasets from disk."""
 
 import contextlib
-import getpass
 import math
 import os
 import signal
 import sys
-import tempfile
 import time
 
 import torch
@@ -127,9 +125,9 @@ def inductor_cache_dir():
     ~/.cache/vanvae/torchinductor (or under $XDG_CACHE_HOME). Inductor's own default is in /tmp,
     and inductor writes it into the environment the first time any library asks for it (some
     of the libraries modes.py imports do), so that value counts as unset."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir  # inductor's own rule
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    inductors_default = os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
-    if current and os.path.abspath(current) != os.path.abspath(inductors_default):
+    if current and os.path.abspath(current) != os.path.abspath(default_cache_dir()):
         return current
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
                         "vanvae", "torchinductor")

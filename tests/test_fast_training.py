@@ -1,13 +1,10 @@
 """The speed-ups change no result: the GEMM bottleneck computes what stock layers compute, and
 precision flags that cannot work on this device are refused with one line."""
 
-import getpass
-import os
-import tempfile
-
 import pytest
 import torch
 import torch.nn as nn
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 import training
 import vae
@@ -114,8 +111,7 @@ def test_compile_trains_the_same_steps_as_eager_and_caches_where_it_says(tmp_pat
     eager to float precision, the same state_dict keys (so checkpoints load either way), and
     inductor's cache under ~/.cache (here XDG_CACHE_HOME), not /tmp."""
     # As inductor leaves it once any library has asked (modes.py's imports do): its /tmp default.
-    inductors_default = os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", inductors_default)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     images = torch.randint(0, 256, (16, 1, 12, 12), dtype=torch.uint8)
     runs = {}
