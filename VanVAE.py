@@ -260,23 +260,19 @@ def check_flags(args):
 
 
 def import_the_work():
-    """Import the modules that do the work, with Ctrl-C held back meanwhile: medmnist's import
-    has a bare `except:` that would swallow it. A Ctrl-C pressed then arrives right after.
-
-    Blocked, and also only noted by a handler that raises nothing: a thread that some library
-    starts with its own signal mask can take the signal while the main thread imports, and
-    then Python runs the handler in the main thread, inside that `except:` (seen once in a
-    full test run: the run carried on to the end)."""
+    """Import the modules that do the work with Ctrl-C only noted meanwhile, by a handler that
+    raises nothing: medmnist's import has a bare `except:` that would swallow the
+    KeyboardInterrupt. A Ctrl-C pressed then is raised right after. (Blocking SIGINT instead
+    protected only the threads that inherit the mask: once, in a full test run, the press was
+    lost and the run carried on to the end.)"""
     global modes, distributed, training
     pressed = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         import distributed
         import modes
         import training
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a pending Ctrl-C is noted here
         signal.signal(signal.SIGINT, previous)
     if pressed:
         raise KeyboardInterrupt
