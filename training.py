@@ -194,6 +194,12 @@ class TrainStep:
             self.scaler.scale(terms["loss"]).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+        if "squared_error" in terms:
+            # The sigma-VAE's decoder variance, the whole global batch's mean squared error, for
+            # the next step (one step late: the same on every process without a second pass).
+            sum_of_squares = distributed.all_reduce_sum(terms["squared_error"].sum())
+            self.model.calibrate_decoder_scale(sum_of_squares / terms["squared_error"].new_tensor(
+                batch * math.prod(x.shape[1:])))
         return torch.stack([terms["recon"].sum(), terms["kl"].sum(),
                             terms["loss"] * x.shape[0]]).detach().double()
 

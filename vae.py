@@ -275,8 +275,11 @@ class VanillaVAE(nn.Module):
         self.final_layer = nn.Sequential(deconv_block(dims[0], dims[0], pad(0)),
                                          Conv2d(dims[0], channels, 3, padding=1))
         if config.recon_loss == "gaussian":
-            # One learned decoder scale shared by all pixels (Rybkin et al. 2021, sigma-VAE).
-            self.log_scale = nn.Parameter(torch.zeros(()))
+            # One decoder scale shared by all pixels, calibrated rather than learned (Rybkin et
+            # al. 2021, the sigma-VAE): set in closed form (calibrate_decoder_scale), never by
+            # Adam, which moved it by about its learning rate per step and so hardly at all. A
+            # parameter still, so its state_dict key and older checkpoints stay as they were.
+            self.log_scale = nn.Parameter(torch.zeros(()), requires_grad=False)
 
     @torch.no_grad()
     def init_decoder_scale(self, images_uint8):
@@ -285,6 +288,18 @@ class VanillaVAE(nn.Module):
         if self.config.recon_loss == "gaussian":
             std = images_uint8[:10_000].float().div(255).std().clamp_min(1 / 256)
             self.log_scale.fill_(std.log().item())
+
+    @torch.no_grad()
+    def calibrate_decoder_scale(self, mean_squared_error):
+        """Set the Gaussian decoder's shared variance to `mean_squared_error`, the mean over a
+        batch's pixels of (x - decoded mean)^2: the variance that maximises that batch's
+        likelihood (Rybkin et al. 2021, section 4). With sigma at its optimum the gradient of
+        the ELBO in the network's weights is that of the sigma-optimised ELBO, so this balances
+        reconstruction against KL with no hand-set weight, and the ELBO stays a likelihood
+        bound. Floored at the dequantisation noise's own standard deviation, 1 / (256 sqrt 12)."""
+        if self.config.recon_loss == "gaussian":
+            floor = (1 / 256) ** 2 / 12
+            self.log_scale.copy_(mean_squared_error.to(self.log_scale).clamp_min(floor).log() / 2)
 
     def encode(self, x):
         h = self.encoder(x).flatten(1)
@@ -348,7 +363,8 @@ class VanillaVAE(nn.Module):
         return {"dequant": dequant, "eps": eps}
 
     def loss(self, x, kld_weight=1.0, generator=None, noise=None):
-        """Per-image reconstruction and KL terms and the batch-mean objective to minimise.
+        """Per-image reconstruction and KL terms and the batch-mean objective to minimise; for
+        the Gaussian decoder also each image's summed squared error (for its calibration).
 
         `noise`, rows of draw_noise(), replaces the draws from `generator`."""
         noise = noise or {}
@@ -359,7 +375,10 @@ class VanillaVAE(nn.Module):
         out = at_least_fp32(self.decode(self.reparameterize(mu, logvar, generator, noise.get("eps"))))
         recon = self.recon_nll(out, x)
         kl = kl_terms(mu, logvar).sum(1)
-        return {"loss": (recon + kld_weight * kl).mean(), "recon": recon, "kl": kl}
+        terms = {"loss": (recon + kld_weight * kl).mean(), "recon": recon, "kl": kl}
+        if self.config.recon_loss == "gaussian":  # what calibrate_decoder_scale needs, per image
+            terms["squared_error"] = (x - out.detach()).pow(2).flatten(1).sum(1)
+        return terms
 
     # DistributedDataParallel synchronises gradients only through forward(), so training
     # calls the loss that way.

@@ -110,3 +110,28 @@ def test_evaluate_is_a_function_of_the_weights():
                      metrics.mean_elbo_terms(model, images, batch_size=4))
     assert first == second
     assert first["loss"] == pytest.approx(first["recon"] + first["kl"])
+
+
+def test_gaussian_decoder_scale_is_calibrated_to_each_batchs_error_not_learned():
+    """The sigma-VAE (Rybkin et al. 2021): after a training step the Gaussian decoder's shared
+    scale is the root mean squared error of that step's batch (dequantised pixels against the
+    decoded means, before the step), so it follows the reconstructions instead of staying near
+    its start as a learned scale did; Adam never moves it."""
+    import copy
+
+    import training
+    torch.manual_seed(0)
+    model = vae.VanillaVAE(vae.VAEConfig("t", (1, 12, 12), latent_dim=4, hidden_dims=(4, 8),
+                                         recon_loss="gaussian"))
+    images = torch.randint(0, 256, (16, 1, 12, 12), dtype=torch.uint8)
+    model.init_decoder_scale(images)
+    step = training.TrainStep(model, training.TrainSettings(precision="fp32", channels_last=False),
+                              torch.device("cpu"))
+    for i in range(3):
+        before, noise_state = copy.deepcopy(model), step.noise_gen.get_state()
+        noise = before.draw_noise(8, torch.Generator().set_state(noise_state))
+        x = images[8 * (i % 2):8 * (i % 2) + 8].float() / 255
+        mean_squared_error = before.loss(x, noise=noise)["squared_error"].sum() / x.numel()
+        step(images, torch.arange(8 * (i % 2), 8 * (i % 2) + 8), 8, slice(None), 1e-2, 1.0)
+        assert model.log_scale.item() == pytest.approx(0.5 * math.log(mean_squared_error.item()), rel=1e-5)
+    assert not model.log_scale.requires_grad and model.log_scale.grad is None
