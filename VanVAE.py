@@ -92,10 +92,15 @@ def build_parser():
     p.add_argument("--prior", choices=(*PRIORS, "all"), default=None,
                    help="where z comes from for --sample and --eval: standard (N(0, I), the VAE's "
                         "own), gmm or two_stage (fitted after training), or all (--eval only) "
-                        "(default: none, meaning standard for --sample, all for --eval)")
-    p.add_argument("--prior_components", type=positive_int, default=30,
+                        f"(default: none, meaning the first the checkpoint holds of "
+                        f"{', '.join(settings.PRIOR_PREFERENCE)}: best measured first)")
+    p.add_argument("--prior_components", type=positive_int, default=settings.GMM_COMPONENTS,
                    help="Gaussian components of the gmm prior (default: %(default)s, measured better "
                         "than Ghosh et al.'s 10 on Fashion-MNIST; docs/RESULTS.md)")
+    p.add_argument("--prior_codes", type=nonnegative_int, default=settings.GMM_CODES,
+                   help="fit the gmm prior to this many training codes, drawn at random; 0 means "
+                        "all of them (default: %(default)s: EM's time grows with the count; "
+                        "docs/RESULTS.md measures what fewer cost)")
     p.add_argument("--dataset", type=dataset_type, default=None, metavar="NAME|PATH",
                    help=f"dataset to train on: one of {', '.join(DATASETS)}, or your own images: "
                         "a folder of image files (any depth; train/ and test/ subfolders are the "

@@ -14,7 +14,8 @@ import distributed
 import training
 import util
 import vae
-from settings import DEFAULT_DATASET, TrainSettings
+from progress import Progress
+from settings import DEFAULT_DATASET, PRIOR_PREFERENCE, TrainSettings
 from util import UserError
 
 
@@ -224,14 +225,15 @@ def train_in_process_group(args, device):
         train_with(args, device, threads, path, out_dir, model, record, train_images, test_images, resume)
         # A finished run gets the GMM prior at once (Ghosh et al.'s ex-post density estimation).
         distributed.on_main(lambda: fit_priors(checkpoint.load(path), ["gmm"], train_images,
-                                               args.prior_components, automatic=True))
+                                               args.prior_components, args.prior_codes, automatic=True))
     print(f"done: {path}")
 
 
-def fit_priors(ckpt, names, train_images, n_components, automatic=False):
-    """Fit the named priors to the posterior means of the training images and store them in
-    the checkpoint (the caller owns it). automatic: after --train, where a small training set
-    lowers the number of GMM components instead of failing a finished run."""
+def fit_priors(ckpt, names, train_images, n_components, n_gmm_codes, automatic=False):
+    """Fit the named priors to the posterior means of the training images (the gmm to
+    `n_gmm_codes` of them drawn at random, 0 meaning all) and store them in the checkpoint (the
+    caller owns it). automatic: after --train, where a small training set lowers the number of
+    GMM components instead of failing a finished run."""
     import metrics
     import priors
     images = data.binarize_fixed(train_images) if ckpt.binarize else train_images
@@ -239,23 +241,28 @@ def fit_priors(ckpt, names, train_images, n_components, automatic=False):
     codes = metrics.posterior_means(ckpt.model, images)
     encode_s = time.perf_counter() - start
     n_codes, dataset = codes.shape[0], ckpt.model.config.dataset
-    fitted_on = f"posterior means of the {n_codes} {dataset} training images"
+    n_fit = {"gmm": min(n_gmm_codes or n_codes, n_codes), "two_stage": n_codes}
     seed = ckpt.training.seed if ckpt.training is not None else 0
     fitted = {}
     for name in names:
-        print(f"fitting the {name} prior to the {fitted_on} ...", flush=True)  # a minute or more
+        fitted_on = (f"posterior means of {'the ' if n_fit[name] == n_codes else ''}{n_fit[name]}"
+                     f"{'' if n_fit[name] == n_codes else f' (drawn at random) of the {n_codes}'} "
+                     f"{dataset} training images")
+        print(f"fitting the {name} prior to the {fitted_on} ...", flush=True)
         start = time.perf_counter()
         try:
             if name == "gmm":
-                k = min(n_components, n_codes) if automatic else n_components
-                fitted[name] = priors.fit_gmm(codes, k, seed, fitted_on)
+                k = min(n_components, n_fit[name]) if automatic else n_components
+                with Progress("gmm prior, EM", None, "iteration") as bar:
+                    fitted[name] = priors.fit_gmm(codes, k, seed, fitted_on, n_fit[name], bar.update)
                 how = f"{k} full-covariance component{'' if k == 1 else 's'}, EM"
             else:
-                fitted[name] = priors.fit_two_stage(codes, seed, fitted_on)
+                with Progress("two-stage prior", priors.TWO_STAGE_EPOCHS, "epoch") as bar:
+                    fitted[name] = priors.fit_two_stage(codes, seed, fitted_on, bar.update)
                 how = "a second VAE on the codes (Dai and Wipf 2019)"
         except ValueError as e:
-            if name == "gmm" and n_components > n_codes:
-                raise UserError(f"--prior_components {n_components} is more than the {n_codes} "
+            if name == "gmm" and n_components > n_fit[name]:
+                raise UserError(f"--prior_components {n_components} is more than the {n_fit[name]} "
                                 "training images the mixture is fitted to") from None
             raise UserError(f"could not fit the {name} prior: {util.first_line(e)}") from None
         print(f"fitted the {name} prior ({how}) to {fitted_on} in {time.perf_counter() - start:.1f} s "
@@ -273,13 +280,19 @@ def run_fit_prior(args):
     with checkpoint.owned(path):
         ckpt = checkpoint.load(path, args.dataset and data.dataset_name(args.dataset))
         train_images, _, _ = load_training_data(args, ckpt)
-        fit_priors(ckpt, [args.fit_prior], train_images, args.prior_components)
+        fit_priors(ckpt, [args.fit_prior], train_images, args.prior_components, args.prior_codes)
 
 
-def chosen_priors(ckpt, name, default):
-    """{name: state} of the priors to sample from: `name` (None: `default`), "all" for N(0, I)
+def best_prior(ckpt):
+    """The prior --sample and --eval use when --prior is not given: the best measured of those
+    the checkpoint holds (settings.PRIOR_PREFERENCE)."""
+    return next(name for name in PRIOR_PREFERENCE if name == "standard" or name in ckpt.priors)
+
+
+def chosen_priors(ckpt, name):
+    """{name: state} of the priors to sample from: `name` (None: best_prior), "all" for N(0, I)
     and every fitted one. A prior the checkpoint lacks is one line saying how to fit it."""
-    name = name or default
+    name = name or best_prior(ckpt)
     if name == "all":
         return {"standard": None, **ckpt.priors}
     if name == "standard":
@@ -329,7 +342,7 @@ def run_sample(args):
         raise UserError("--sample runs in one process: start it with python, not torchrun")
     path = checkpoint_for(args)
     ckpt = checkpoint.load(path, args.dataset and data.dataset_name(args.dataset))
-    (prior_name, prior), = chosen_priors(ckpt, args.prior, "standard").items()
+    (prior_name, prior), = chosen_priors(ckpt, args.prior).items()
     model = ckpt.model
     device = pick_device(args.device)
     model.to(device)
@@ -339,10 +352,12 @@ def run_sample(args):
     which = "" if prior_name == "standard" else f"{prior_name}_"
     stem = os.path.join(out_dir, f"{which}prior_samples_n{args.num_samples}_seed{seed}")
     generator = torch.Generator(device).manual_seed(seed)
-    sampling.sample_to_files(model, args.num_samples, generator, stem + ".png", stem + ".pt", prior)
+    sampling.sample_to_files(model, args.num_samples, generator, stem + ".png", stem + ".pt", prior,
+                             png_folder=stem)
     print(f"{args.num_samples} samples from {path}, {prior_name} prior (seed {seed}):")
     print(f"  grid   {stem}.png")
     print(f"  tensor {stem}.pt (uint8, {args.num_samples} x {' x '.join(map(str, model.config.image_shape))})")
+    print(f"  images {stem}{os.sep} (one PNG each, for FID tools and image viewers)")
 
 
 def checkpoint_for(args):
@@ -381,7 +396,7 @@ def run_eval(args):
         ckpt.model, images, labels, raw_images=raw_images, iw_samples=args.iw_samples,
         kld_weight=ckpt.kld_weight, binarized=ckpt.binarize, seed=args.seed or 0,
         fid_samples=args.fid_samples, cache_dir=args.data_dir, out_dir=out_dir, checkpoint_path=ckpt.path,
-        priors=chosen_priors(ckpt, args.prior, "all"),
+        priors=chosen_priors(ckpt, args.prior),
         class_names=data.class_names(ckpt.model.config.dataset, ckpt.training and ckpt.training.data_source))
     print(evaluation.format_eval_table(report))
     for name, file in report["files"].items():

@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from settings import PRIORS  # noqa: F401 (priors.PRIORS; defined torch-free for the command line)
+from settings import GMM_COMPONENTS, PRIORS  # noqa: F401 (priors.PRIORS; torch-free for the command line)
 
 # Ghosh et al.'s published code: sklearn's GaussianMixture, full covariances, 10 components,
 # tol 1e-3 on the mean log-likelihood, at most 2000 EM iterations.
@@ -72,10 +72,11 @@ def standard_prior(latent_dim):
 
 # ---------------------------------------------------------------- Gaussian mixture
 
-def fit_gmm(codes, n_components=10, seed=0, fitted_on=""):
+def fit_gmm(codes, n_components=GMM_COMPONENTS, seed=0, fitted_on="", max_codes=None, progress=None):
     """Ghosh et al. 2020's ex-post density: a full-covariance Gaussian mixture fitted by EM
-    (k-means start, seeded) to posterior means `codes` (N, d). Refitting with the same seed
-    gives the same state.
+    (k-means start, seeded) to posterior means `codes` (N, d), or to `max_codes` of them drawn
+    at random (seeded) where there are more. Refitting with the same seed gives the same state.
+    `progress`, if given, is called after each EM iteration as progress(iteration, status).
 
     sklearn's GaussianMixture rather than a torch EM: on 60,000 x 128 codes with 10 components
     (2 shared CPU cores) it took 1.2-1.4 s per iteration in float64 against 1.6-2.4 s for a
@@ -86,6 +87,11 @@ def fit_gmm(codes, n_components=10, seed=0, fitted_on=""):
 
     codes = _checked_codes(codes)
     _checked_record(seed, fitted_on)
+    if max_codes is not None and (isinstance(max_codes, bool) or not isinstance(max_codes, int)
+                                  or max_codes < 2):
+        raise ValueError(f"max_codes must be an integer of at least 2, not {max_codes!r}")
+    if max_codes is not None and codes.shape[0] > max_codes:
+        codes = codes[torch.randperm(codes.shape[0], generator=torch.Generator().manual_seed(seed))[:max_codes]]
     n_codes, latent_dim = codes.shape
     if isinstance(n_components, bool) or not isinstance(n_components, int) \
             or not 1 <= n_components <= n_codes:
@@ -93,7 +99,13 @@ def fit_gmm(codes, n_components=10, seed=0, fitted_on=""):
                          f"({n_codes}), not {n_components!r}")
     mixture = GaussianMixture(n_components, covariance_type="full", tol=GMM_TOLERANCE,
                               reg_covar=GMM_COVARIANCE_RIDGE, max_iter=GMM_MAX_ITERATIONS,
-                              random_state=seed).fit(codes.numpy())
+                              random_state=seed)
+    if progress is not None:
+        # sklearn offers no callback, only its verbose printing; this hook is what that printing
+        # calls after every EM iteration (sklearn.mixture._base, unchanged since 0.18).
+        mixture._print_verbose_msg_iter_end = lambda iteration, change: progress(
+            iteration, f"mean log-likelihood change {change:.2g} nats (stops below {GMM_TOLERANCE:g})")
+    mixture.fit(codes.numpy())
     return {"kind": "gmm", "latent_dim": latent_dim, "n_components": n_components,
             "n_codes": n_codes, "seed": seed, "fitted_on": fitted_on,
             "em_iterations": int(mixture.n_iter_), "em_converged": bool(mixture.converged_),
@@ -184,7 +196,7 @@ def fit_two_stage(codes, seed=0, fitted_on="", progress=None, width=TWO_STAGE_WI
     """Train Dai and Wipf 2019's second-stage VAE on `codes` (N, d): u has d dimensions, both
     networks are `depth` dense ReLU layers of `width` with a skip from the input to the output
     layer, and the decoder's variance gamma^2 is learned. Seeded: same seed, same state.
-    `progress`, if given, is called with one status line per epoch."""
+    `progress`, if given, is called after each epoch as progress(epochs done, status)."""
     codes = _checked_codes(codes).float()
     _checked_record(seed, fitted_on)
     for name, value in (("width", width), ("depth", depth), ("epochs", epochs),
@@ -212,8 +224,7 @@ def fit_two_stage(codes, seed=0, fitted_on="", progress=None, width=TWO_STAGE_WI
         if not math.isfinite(epoch_loss):
             raise ValueError(f"two-stage prior training diverged (loss {epoch_loss}) in epoch {epoch + 1}")
         if progress is not None:
-            progress(f"two-stage prior: epoch {epoch + 1}/{epochs}, {epoch_loss:.3f} nats per code, "
-                     f"gamma {params['log_gamma'].exp().item():.4g}")
+            progress(epoch + 1, f"{epoch_loss:.3f} nats per code, gamma {params['log_gamma'].exp().item():.4g}")
     decoder = {name: params[name].detach().clone() for name in _decoder_shapes(latent_dim, width, depth)}
     return {"kind": "two_stage", "latent_dim": latent_dim, "width": width, "depth": depth,
             "n_codes": n_codes, "seed": seed, "fitted_on": fitted_on, "epochs": epochs,

@@ -39,7 +39,9 @@ class Progress:
     with interval 0).
 
     what:  the words before the counts ("epoch 3/10", "IW bound")
-    total: the whole amount, in `unit`s; `done` at start (a resumed epoch) counts as done
+    total: the whole amount, in `unit`s, or None where it is not known in advance (an EM fit
+           that stops when it converges): then no share done and no time left are shown;
+           `done` at start (a resumed epoch) counts as done
     more:  optional callable(seconds left here) -> extra words, such as the run's time left
     estimate: once the first piece is done, say how long the whole will take at its pace, and
            if that is over LONG_S, `shorter` (the flags that shorten it)"""
@@ -64,7 +66,10 @@ class Progress:
 
     def seconds_left(self):
         rate = self.rate()
-        return (self.total - self.done) / rate if rate > 0 else float("inf")
+        return (self.total - self.done) / rate if rate > 0 and self.total is not None else float("inf")
+
+    def unfinished(self, done):
+        return self.total is None or done < self.total
 
     def update(self, done, postfix=None):
         if postfix is not None:
@@ -73,7 +78,7 @@ class Progress:
             self.done = done
             return
         first, delta, self.done = self.done == self.start_done, done - self.done, done
-        if first and self.estimate and done < self.total:
+        if first and self.estimate and self.total is not None and done < self.total:
             self.say_estimate()
         if self.bar is not None:
             self.bar.update(delta)
@@ -82,7 +87,7 @@ class Progress:
             return
         now = time.perf_counter()
         due = self.interval if self.lines else self.first
-        if now - self.last_line >= due and done < self.total:
+        if now - self.last_line >= due and self.unfinished(done):
             self.print_line(now)
 
     def say_estimate(self):
@@ -102,9 +107,12 @@ class Progress:
     def print_line(self, now):
         self.last_line, self.lines = now, self.lines + 1
         left = self.seconds_left()
-        words = [f"{self.done}/{self.total} {self.unit}s ({100 * self.done / max(1, self.total):.0f}%)",
-                 f"{self.rate():.0f} {self.unit}s/s" if self.rate() >= 10 else f"{self.rate():.2f} {self.unit}s/s",
-                 f"{duration(left)} left"]
+        rate = f"{self.rate():.0f} {self.unit}s/s" if self.rate() >= 10 else f"{self.rate():.2f} {self.unit}s/s"
+        if self.total is None:
+            words = [f"{self.done} {self.unit}s", rate, f"{duration(now - self.start)} so far"]
+        else:
+            words = [f"{self.done}/{self.total} {self.unit}s ({100 * self.done / max(1, self.total):.0f}%)",
+                     rate, f"{duration(left)} left"]
         if self.postfix:
             words.append(self.postfix)
         if self.more is not None:

@@ -3,6 +3,10 @@ priors.py), decoded in chunks to uint8, and --sample's files.
 
 Models and prior states in, uint8 tensors and files out; knows no datasets."""
 
+import os
+import shutil
+import tempfile
+
 import torch
 
 import priors
@@ -29,10 +33,36 @@ def prior_samples_uint8(model, n, generator, prior=None, chunk=1024):
     return samples
 
 
-def sample_to_files(model, n, generator, png_path, tensor_path, prior=None, max_grid=256):
-    """Draw n samples; save all as a uint8 (n, C, H, W) tensor file and the first max_grid as
-    a PNG grid. Returns the samples."""
+def save_png_folder(samples, folder):
+    """Each uint8 (C, H, W) image of `samples` as its own lossless PNG, folder/000000.png and
+    on (grey as one channel, colour as RGB): what FID tools and image viewers read. Written into
+    a new folder beside it, then renamed into place, so `folder` is whole or as it was."""
+    from PIL import Image
+    parent = os.path.dirname(os.path.abspath(folder))
+    staging = tempfile.mkdtemp(prefix=".png-", dir=parent)
+    try:
+        width = max(6, len(str(samples.shape[0] - 1)))
+        for i, image in enumerate(samples):
+            pixels = image[0].numpy() if image.shape[0] == 1 else image.permute(1, 2, 0).numpy()
+            Image.fromarray(pixels).save(os.path.join(staging, f"{i:0{width}d}.png"))
+        old = None
+        if os.path.isdir(folder):  # the same request again: replaced whole, never mixed
+            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
+            os.replace(folder, os.path.join(old, "png"))
+        os.replace(staging, folder)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def sample_to_files(model, n, generator, png_path, tensor_path, prior=None, max_grid=256, png_folder=None):
+    """Draw n samples; save all as a uint8 (n, C, H, W) tensor file, the first max_grid as a
+    PNG grid, and, if `png_folder` is given, each as a PNG file there. Returns the samples."""
     samples = prior_samples_uint8(model, n, generator, prior)
     save_image_grid(samples[:max_grid].float() / 255, png_path)
     atomic_torch_save(samples, tensor_path)
+    if png_folder is not None:
+        save_png_folder(samples, png_folder)
     return samples

@@ -15,6 +15,13 @@ ARRAY_EXTENSIONS = (".npy", ".npz")
 RECON_LOSSES = ("bernoulli", "gaussian", "mse")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PRIORS = ("standard", "gmm", "two_stage")  # where z comes from when sampling (priors.py)
+# Which fitted prior --sample and --eval use when --prior is not given: the first of these that
+# the checkpoint holds, best measured first (FID-10k, docs/RESULTS.md); standard always exists.
+PRIOR_PREFERENCE = ("gmm", "two_stage", "standard")
+GMM_COMPONENTS = 30  # --prior_components: measured better than Ghosh et al.'s 10 (docs/RESULTS.md)
+# --prior_codes: the mixture is fitted to this many of the training codes, drawn at random (EM's
+# time grows with their number; docs/RESULTS.md measures what fewer cost in FID).
+GMM_CODES = 10_000
 LR_SCHEDULES = ("constant", "cosine")  # Adam's learning rate over the run (schedules.py)
 DEFAULT_HIDDEN_DIMS = (32, 64, 128, 256, 512)
 

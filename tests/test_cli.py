@@ -6,8 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import checkpoint
 import data
@@ -112,6 +114,23 @@ def test_sample_needs_only_the_checkpoint(trained):
     again = run_cli("--sample", "--checkpoint", ckpt, "--num_samples", "5", "--seed", "1", cwd=tmp)
     assert again.returncode == 0, again.stderr
     assert torch.equal(torch.load(tmp / tensor, weights_only=True), samples), "--seed must repeat"
+
+
+def test_sample_writes_each_image_as_a_png_that_reads_back_as_the_tensor(trained):
+    tmp, _ = trained
+    ckpt = tmp / "out" / "models" / "VanillaVAE" / "VanillaVAE_mnist.pt"
+    runs = {}
+    for seed in ("1", "2"):
+        result = run_cli("--sample", "--checkpoint", ckpt, "--num_samples", "12", "--seed", seed, cwd=tmp)
+        assert result.returncode == 0, result.stderr
+        tensor, folder = (line.split()[1] for line in result.stdout.splitlines()[2:4])
+        runs[seed] = tmp / tensor, tmp / folder
+    assert runs["1"][1] != runs["2"][1], "a second call must not overwrite the first's images"
+    for tensor, folder in runs.values():
+        files = sorted(os.listdir(folder))
+        assert files == [f"{i:06d}.png" for i in range(12)]
+        read_back = torch.stack([torch.from_numpy(np.array(Image.open(folder / f)))[None] for f in files])
+        assert torch.equal(read_back, torch.load(tensor, weights_only=True))
 
 
 def test_sample_rejects_a_checkpoint_of_another_dataset(trained):

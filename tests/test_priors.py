@@ -92,9 +92,28 @@ def test_two_stage_samples_match_the_codes_moments(two_stage_state):
 
 
 def test_two_stage_reports_progress_once_per_epoch():
-    lines = []
-    priors.fit_two_stage(correlated_codes(200), width=8, epochs=3, progress=lines.append)
-    assert len(lines) == 3 and lines[-1].startswith("two-stage prior: epoch 3/3")
+    calls = []
+    priors.fit_two_stage(correlated_codes(200), width=8, epochs=3, progress=lambda *a: calls.append(a))
+    assert [done for done, _ in calls] == [1, 2, 3] and "nats per code" in calls[-1][1]
+
+
+def test_gmm_reports_every_em_iteration():
+    calls = []
+    state = priors.fit_gmm(mixture_codes(), 3, seed=0, progress=lambda *a: calls.append(a))
+    assert [done for done, _ in calls] == list(range(1, state["em_iterations"] + 1))
+    assert "log-likelihood change" in calls[-1][1]
+
+
+def test_gmm_on_a_subsample_fits_that_many_codes_and_still_finds_the_modes():
+    codes = mixture_codes()
+    state = priors.fit_gmm(codes, 3, seed=0, max_codes=len(codes) // 4)
+    assert state["n_codes"] == len(codes) // 4
+    full = priors.fit_gmm(codes, 3, seed=0)
+
+    def means_in_order(s):
+        return s["means"][s["means"][:, 0].argsort()]
+    assert torch.allclose(means_in_order(state), means_in_order(full), atol=0.3)
+    assert_same_state(state, priors.fit_gmm(codes, 3, seed=0, max_codes=len(codes) // 4))
 
 
 @pytest.mark.parametrize("n_components", [0, -1, 3001, 2.5, True])
