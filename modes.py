@@ -8,6 +8,7 @@ import os
 import random
 import time
 
+import api
 import checkpoint
 import data
 import distributed
@@ -15,7 +16,7 @@ import training
 import util
 import vae
 from progress import Progress
-from settings import DEFAULT_DATASET, PRIOR_PREFERENCE, TrainSettings
+from settings import DEFAULT_DATASET, TrainSettings
 from util import UserError
 
 
@@ -283,16 +284,11 @@ def run_fit_prior(args):
         fit_priors(ckpt, [args.fit_prior], train_images, args.prior_components, args.prior_codes)
 
 
-def best_prior(ckpt):
-    """The prior --sample and --eval use when --prior is not given: the best measured of those
-    the checkpoint holds (settings.PRIOR_PREFERENCE)."""
-    return next(name for name in PRIOR_PREFERENCE if name == "standard" or name in ckpt.priors)
-
-
 def chosen_priors(ckpt, name):
-    """{name: state} of the priors to sample from: `name` (None: best_prior), "all" for N(0, I)
-    and every fitted one. A prior the checkpoint lacks is one line saying how to fit it."""
-    name = name or best_prior(ckpt)
+    """{name: state} of the priors to sample from: `name` (None: the best it holds, as
+    api.best_prior), "all" for N(0, I) and every fitted one. A prior the checkpoint
+    lacks is one line saying how to fit it."""
+    name = name or api.best_prior(ckpt.priors)
     if name == "all":
         return {"standard": None, **ckpt.priors}
     if name == "standard":
@@ -335,28 +331,23 @@ def train_with(args, device, threads, path, out_dir, model, record, train_images
 
 
 def run_sample(args):
-    import torch
-
     import sampling
     if distributed.launched_world_size() > 1:
         raise UserError("--sample runs in one process: start it with python, not torchrun")
     path = checkpoint_for(args)
     ckpt = checkpoint.load(path, args.dataset and data.dataset_name(args.dataset))
-    (prior_name, prior), = chosen_priors(ckpt, args.prior).items()
-    model = ckpt.model
-    device = pick_device(args.device)
-    model.to(device)
+    (prior_name, _), = chosen_priors(ckpt, args.prior).items()
+    trained = api.TrainedVAE(ckpt, pick_device(args.device))
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     out_dir = checkpoint.run_dir(args.output_dir, path)
     check_creatable(out_dir)
     which = "" if prior_name == "standard" else f"{prior_name}_"
     stem = os.path.join(out_dir, f"{which}prior_samples_n{args.num_samples}_seed{seed}")
-    generator = torch.Generator(device).manual_seed(seed)
-    sampling.sample_to_files(model, args.num_samples, generator, stem + ".png", stem + ".pt", prior,
-                             png_folder=stem)
+    samples = trained.sample(args.num_samples, prior_name, seed)
+    sampling.save_samples(samples, stem + ".png", stem + ".pt", png_folder=stem)
     print(f"{args.num_samples} samples from {path}, {prior_name} prior (seed {seed}):")
     print(f"  grid   {stem}.png")
-    print(f"  tensor {stem}.pt (uint8, {args.num_samples} x {' x '.join(map(str, model.config.image_shape))})")
+    print(f"  tensor {stem}.pt (uint8, {args.num_samples} x {' x '.join(map(str, trained.config.image_shape))})")
     print(f"  images {stem}{os.sep} (one PNG each, for FID tools and image viewers)")
 
 

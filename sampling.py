@@ -57,12 +57,10 @@ def save_png_folder(samples, folder):
         raise
 
 
-def sample_to_files(model, n, generator, png_path, tensor_path, prior=None, max_grid=256, png_folder=None):
-    """Draw n samples; save all as a uint8 (n, C, H, W) tensor file, the first max_grid as a
-    PNG grid, and, if `png_folder` is given, each as a PNG file there. Returns the samples."""
-    samples = prior_samples_uint8(model, n, generator, prior)
+def save_samples(samples, png_path, tensor_path, max_grid=256, png_folder=None):
+    """Save uint8 (n, C, H, W) samples as a tensor file, the first max_grid as a PNG grid,
+    and, if `png_folder` is given, each as a PNG file there."""
     save_image_grid(samples[:max_grid].float() / 255, png_path)
     atomic_torch_save(samples, tensor_path)
     if png_folder is not None:
         save_png_folder(samples, png_folder)
-    return samples

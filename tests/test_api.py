@@ -1,0 +1,83 @@
+"""The Python API (api.py), used as a notebook user would: a fresh interpreter in the repository
+folder loads a trained checkpoint, samples from each prior it holds, encodes, decodes and
+reconstructs, and gets exactly what the command line writes for the same seed."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import api
+import VanVAE
+from fakedata import write_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--hidden_dims", "8", "16", "--latent_dim", "4", "--batch_size", "8", "--seed", "2",
+        "--threads", "1", "--recon_loss", "gaussian"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A one-epoch checkpoint with its automatic gmm prior and a two-stage one, and its data."""
+    tmp = tmp_path_factory.mktemp("api")
+    write_dataset("mnist", tmp / "data", n_train=48, n_test=16)
+    assert VanVAE.main(["--train", "--data_dir", str(tmp / "data"), "--output_dir", str(tmp),
+                        "--n_epochs", "1", *TINY]) == 0
+    path = tmp / "models" / "VanillaVAE" / "VanillaVAE_mnist.pt"
+    assert VanVAE.main(["--fit_prior", "two_stage", "--checkpoint", str(path), "--data_dir",
+                        str(tmp / "data"), "--threads", "1"]) == 0
+    return tmp, path
+
+
+NOTEBOOK = """
+import json, sys, torch
+import api, data
+vae = api.load(sys.argv[1])
+out = {"best": vae.best_prior, "priors": sorted(vae.priors)}
+for name in vae.priors:
+    torch.save(vae.sample(6, prior=name, seed=5), f"{sys.argv[2]}/{name}.pt")
+test, _ = data.load_test_images("mnist", sys.argv[3], n_images=8)
+posterior = vae.encode(test)
+torch.save({"mean": posterior.mean, "variance": posterior.variance, "decoded": vae.decode(posterior.mean),
+            "reconstructed": vae.reconstruct(test), "test": test}, f"{sys.argv[2]}/coded.pt")
+print(json.dumps(out))
+"""
+
+
+def test_a_notebook_loads_samples_encodes_and_decodes_as_the_command_line_does(trained, tmp_path):
+    tmp, path = trained
+    result = subprocess.run([sys.executable, "-c", NOTEBOOK, str(path), str(tmp_path), str(tmp / "data")],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    told = json.loads(result.stdout.splitlines()[-1])
+    assert told == {"best": "gmm", "priors": ["gmm", "standard", "two_stage"]}
+    for name in told["priors"]:
+        from_api = torch.load(tmp_path / f"{name}.pt", weights_only=True)
+        assert from_api.dtype == torch.uint8 and from_api.shape == (6, 1, 28, 28)
+        assert VanVAE.main(["--sample", "--checkpoint", str(path), "--prior", name, "--seed", "5",
+                            "--num_samples", "6", "--output_dir", str(tmp_path / name)]) == 0
+        written = next((tmp_path / name).rglob("*prior_samples_n6_seed5.pt"))
+        assert torch.equal(from_api, torch.load(written, weights_only=True)), name
+    coded = torch.load(tmp_path / "coded.pt", weights_only=True)
+    assert coded["mean"].shape == coded["variance"].shape == (8, 4)
+    assert (coded["variance"] > 0).all()
+    assert torch.equal(coded["decoded"], coded["reconstructed"])
+    assert coded["reconstructed"].shape == coded["test"].shape and coded["reconstructed"].dtype == torch.uint8
+
+
+def test_the_default_prior_is_the_best_held_and_a_missing_one_is_one_line(trained, tmp_path):
+    _, path = trained
+    vae = api.load(path)
+    assert vae.best_prior == "gmm"
+    without = api.TrainedVAE.__new__(api.TrainedVAE)
+    without.priors = {"standard": None}
+    assert without.best_prior == "standard"
+    with pytest.raises(api.UserError, match="has no flow prior; it holds standard, gmm, two_stage"):
+        vae.sample(2, prior="flow")
+    with pytest.raises(api.UserError, match=r"images must be uint8 of shape \(N, 1, 28, 28\)"):
+        vae.encode(torch.zeros(2, 1, 32, 32, dtype=torch.uint8))
+    with pytest.raises(api.UserError, match=r"z must be \(N, 4\)"):
+        vae.decode(torch.zeros(2, 5))
