@@ -19,7 +19,8 @@ A folder
   ends. A GIF or TIFF with several frames gives its first frame.
 - Splits: train/ and test/ folders directly inside it are the splits (files elsewhere are then
   ignored); otherwise an image is held out for test when a hash of its relative path falls below
-  test_fraction, so adding images never moves an old one from one split to the other.
+  test_fraction, so adding images never moves an old one from one split to the other (a folder
+  where no hash falls below it holds out its image of least hash; see _held_out).
 - Labels: when every image lies in a subfolder (of train/ and test/ if present), the index of
   that top-level subfolder among the sorted names, listed in info["classes"]; else zeros.
 - Colour: every image becomes `channels` channels: 1 is grey ("L", ITU-R 601 luma), 3 is "RGB".
@@ -232,13 +233,13 @@ def _plan_folder(root, relpaths, test_fraction):
     """[(relpath, is_test, label)], train before test, and the class names (None: no classes)."""
     has_split_folders = all(os.path.isdir(os.path.join(root, s)) for s in ("train", "test"))
     placed = []  # (relpath, is_test, path inside the split)
-    for rel in relpaths:
-        top, _, rest = rel.partition("/")
-        if has_split_folders:
+    if has_split_folders:
+        for rel in relpaths:
+            top, _, rest = rel.partition("/")
             if top in ("train", "test") and rest:
                 placed.append((rel, top == "test", rest))
-        else:
-            placed.append((rel, _held_out(rel, test_fraction), rel))
+    else:
+        placed = [(rel, is_test, rel) for rel, is_test in zip(relpaths, _held_out(relpaths, test_fraction))]
     placed.sort(key=lambda p: p[1])  # stable: each split stays in path order
     tops = [inner.partition("/")[0] if "/" in inner else None for _, _, inner in placed]
     if not tops or None in tops:
@@ -248,11 +249,18 @@ def _plan_folder(root, relpaths, test_fraction):
     return [(rel, is_test, index[top]) for (rel, is_test, _), top in zip(placed, tops)], classes
 
 
-def _held_out(key, test_fraction):
-    """Whether `key` (a relative path or an array index) is held out for test: a fixed hash,
-    not a random draw, so the answer never depends on which other images exist."""
-    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") < test_fraction * 2 ** 64
+def _held_out(keys, test_fraction):
+    """Whether each key (a relative path or an array index) is held out for test: a fixed hash
+    below test_fraction, not a random draw, so the answer never depends on which other images
+    exist. Where that holds out none of two or more keys (a small folder: 48 images at 0.05
+    hold out none 8% of the time), the key of least hash alone is held out, so the test split
+    is not empty by chance; that choice can change as images are added only until one of them
+    falls below test_fraction."""
+    hashes = [int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") for key in keys]
+    held = [h < test_fraction * 2 ** 64 for h in hashes]
+    if test_fraction > 0 and len(keys) >= 2 and not any(held):
+        held[hashes.index(min(hashes))] = True
+    return held
 
 
 def _full_paths(root, entries):
@@ -570,8 +578,8 @@ def _read_arrays(path, picked, layouts, shape, options, run):
     arrays = _open_arrays(path, picked, layouts)
     if "all" in arrays:
         everything = arrays.pop("all")
-        held_out = np.array([_held_out(str(i), options["test_fraction"])
-                             for i in range(len(everything))], dtype=bool)
+        held_out = np.array(_held_out([str(i) for i in range(len(everything))], options["test_fraction"]),
+                            dtype=bool)
         rows = {"train": np.flatnonzero(~held_out), "test": np.flatnonzero(held_out)}
         arrays = {"train": everything, "test": everything}
     else:

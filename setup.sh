@@ -8,4 +8,4 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null &
     || echo "setup.sh: could not install dataset-fashion-mnist; Fashion-MNIST will be downloaded instead" >&2
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check -r requirements.txt pytest ruff
+.venv/bin/pip install -q --disable-pip-version-check -r requirements.txt -c constraints.txt pytest ruff

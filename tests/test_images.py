@@ -356,3 +356,19 @@ def test_path_or_name_and_the_name_it_gives(tmp_path, monkeypatch):
     assert images.source_name(tmp_path / "faces.v2.npz") == "faces.v2"
     assert images.source_name(".") == tmp_path.name
     assert images.source_name("/tmp/..!!/") == "images"
+
+
+def test_a_small_folder_always_holds_out_at_least_one_test_image(tmp_path):
+    """A folder where no image's hash falls below the default 0.05 (48 images did, and were
+    refused for an empty test split) holds out its image of least hash; once an image's hash
+    does fall below the fraction, the split is the plain hash split again."""
+    def by_hash(numbers):
+        return {i for i in numbers if images._held_out([f"img{i:04d}.png"], 0.05)[0]}
+    start = next(s for s in range(0, 5000, 20) if not by_hash(range(s, s + 20)))
+    numbered_pngs(tmp_path / "f", range(start, start + 20))
+    result = images.load_source(tmp_path / "f")
+    assert result["test"].shape[0] == 1 and result["train"].shape[0] == 19
+    end = next(e for e in range(start + 21, start + 2000) if by_hash(range(start, e)))
+    numbered_pngs(tmp_path / "f", range(start + 20, end))
+    assert numbers_in(images.load_source(tmp_path / "f")["test"]) == by_hash(range(start, end))
+    assert images.load_source(tmp_path / "f", test_fraction=0)["test"].shape[0] == 0
