@@ -12,21 +12,14 @@ import torch
 
 import api
 import VanVAE
-from fakedata import write_dataset
+from tiny import train_tiny
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--hidden_dims", "8", "16", "--latent_dim", "4", "--batch_size", "8", "--seed", "2",
-        "--threads", "1", "--recon_loss", "gaussian"]
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A one-epoch checkpoint with its automatic gmm prior and a two-stage one, and its data."""
     tmp = tmp_path_factory.mktemp("api")
-    write_dataset("mnist", tmp / "data", n_train=48, n_test=16)
-    assert VanVAE.main(["--train", "--data_dir", str(tmp / "data"), "--output_dir", str(tmp),
-                        "--n_epochs", "1", *TINY]) == 0
-    path = tmp / "models" / "VanillaVAE" / "VanillaVAE_mnist.pt"
+    path = train_tiny(tmp, "--seed", 2, "--recon_loss", "gaussian")
     assert VanVAE.main(["--fit_prior", "two_stage", "--checkpoint", str(path), "--data_dir",
                         str(tmp / "data"), "--threads", "1"]) == 0
     return tmp, path

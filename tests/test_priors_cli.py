@@ -14,19 +14,15 @@ import VanVAE
 from fakedata import write_dataset
 from test_checkpoint import V1_FILE
 from test_reliability import assert_one_line_error, run_main, snapshot
+from tiny import train_tiny
 from util import load_torch_file
-
-TINY = ["--hidden_dims", "8", "16", "--latent_dim", "4", "--batch_size", "8", "--seed", "2", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A one-epoch checkpoint with its automatic GMM prior, and its data."""
     tmp = tmp_path_factory.mktemp("priors")
-    write_dataset("mnist", tmp / "data", n_train=48, n_test=16)
-    assert VanVAE.main(["--train", "--data_dir", str(tmp / "data"), "--output_dir", str(tmp),
-                        "--n_epochs", "1", *TINY]) == 0
-    return tmp, tmp / "models" / "VanillaVAE" / "VanillaVAE_mnist.pt"
+    return tmp, train_tiny(tmp, "--seed", 2)
 
 
 def copy_of(trained, tmp_path):
@@ -84,23 +80,20 @@ def test_a_format_1_checkpoint_gets_a_gmm_and_samples_from_it(capsys, tmp_path):
     assert code == 0, err
 
 
-def test_too_many_components_is_one_line_and_changes_nothing(capsys, trained, tmp_path):
-    path = copy_of(trained, tmp_path)
-    before = snapshot(tmp_path)
-    code, _, err = run_main(capsys, "--fit_prior", "gmm", "--checkpoint", path, "--data_dir", trained[0] / "data",
-                            "--prior_components", 49)
-    assert_one_line_error(code, err, "--prior_components 49 is more than the 48 training images")
-    assert snapshot(tmp_path) == before
-
-
-def test_an_em_that_does_not_converge_is_one_line_and_changes_nothing(capsys, trained, tmp_path, monkeypatch):
+@pytest.mark.parametrize("components, max_iterations, words", [
+    (49, None, "--prior_components 49 is more than the 48 training images"),
+    (3, 1, "EM did not converge in 1 iterations: nothing was saved"),
+])
+def test_a_gmm_fit_that_cannot_work_is_one_line_and_changes_nothing(capsys, trained, tmp_path, monkeypatch,
+                                                                    components, max_iterations, words):
     import priors
-    monkeypatch.setattr(priors, "GMM_MAX_ITERATIONS", 1)
+    if max_iterations is not None:
+        monkeypatch.setattr(priors, "GMM_MAX_ITERATIONS", max_iterations)
     path = copy_of(trained, tmp_path)
     before = snapshot(tmp_path)
     code, _, err = run_main(capsys, "--fit_prior", "gmm", "--checkpoint", path, "--data_dir", trained[0] / "data",
-                            "--prior_components", 3)
-    assert_one_line_error(code, err, "EM did not converge in 1 iterations: nothing was saved")
+                            "--prior_components", components)
+    assert_one_line_error(code, err, words)
     assert snapshot(tmp_path) == before
 
 
