@@ -148,9 +148,10 @@ def build_parser():
                    help="where to compute (default: auto, meaning cuda, then mps, then cpu); under "
                         "torchrun each process uses cuda:LOCAL_RANK, or the cpu")
     p.add_argument("--recon_loss", choices=settings.RECON_LOSSES, default=VAEConfig.recon_loss,
-                   help="decoder likelihood: bernoulli (BCE on [0,1] intensities), gaussian "
-                        "(learned scale, dequantised 8-bit density) or mse (GenerativeZoo's per-pixel "
-                        "mean squared error) (default: %(default)s)")
+                   help="decoder likelihood: gaussian (a density of dequantised 8-bit pixels whose "
+                        "variance is calibrated to each batch's squared error, the sigma-VAE; the best "
+                        "samples measured, docs/RESULTS.md), bernoulli (BCE on [0,1] intensities) or mse "
+                        "(GenerativeZoo's per-pixel mean squared error) (default: %(default)s)")
     p.add_argument("--kld_weight", type=nonnegative_float, default=TrainSettings.kld_weight,
                    help="weight of the KL term; 1 gives the true ELBO (default: %(default)s; GenerativeZoo "
                         "uses 0.0001 with --recon_loss mse)")

@@ -98,7 +98,8 @@ def sample_quality_by_prior(model, priors, n_samples, seed, reference, stem):
             samples = sampling.prior_samples_uint8(model, n_samples, torch.Generator(device).manual_seed(seed),
                                                    state)
             with Progress(f"Inception features, {name} prior", n_samples, "image", estimate=True,
-                          shorter="--fid_samples 2000 (a noisier FID) or --prior standard (one prior)") as bar:
+                          shorter="--fid_samples 2000 (a noisier FID)" + (
+                              "" if len(priors) == 1 else " or leaving out --prior all (one prior)")) as bar:
                 feats = fid.features(net, samples, on_progress=bar.update)
             figures = fid.sample_quality(ref, feats)
         quality[name] = {**figures, "n_samples": n_samples, "seconds": time.perf_counter() - start}

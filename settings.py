@@ -42,7 +42,7 @@ class VAEConfig:
     image_shape: tuple  # (channels, height, width)
     latent_dim: int = 128
     hidden_dims: tuple = DEFAULT_HIDDEN_DIMS
-    recon_loss: str = "bernoulli"
+    recon_loss: str = "gaussian"  # the best samples measured (docs/RESULTS.md)
 
     def __post_init__(self):
         self.image_shape = tuple(int(v) for v in self.image_shape)

@@ -57,7 +57,7 @@ def test_help_lists_every_flag_with_its_default():
                           ("--checkpoint", "none"), ("--num_samples", "16"),
                           ("--sample_and_save_frequency", "5"), ("--dataset", "mnist"),
                           ("--data_dir", "./data"), ("--seed", "none"), ("--device", "auto"),
-                          ("--recon_loss", "bernoulli"), ("--kld_weight", "1.0"),
+                          ("--recon_loss", "gaussian"), ("--kld_weight", "1.0"),
                           ("--image_size", "none"), ("--output_dir", ".")]:
         assert f"(default: {default}" in entries[flag], entries[flag]
     assert "--sample_and_save_freq" in entries["--sample_and_save_frequency"]
@@ -96,7 +96,7 @@ def test_checkpoint_loads_weights_only_and_holds_the_configuration(trained):
     ckpt = torch.load(tmp / "out" / "models" / "VanillaVAE" / "VanillaVAE_mnist.pt", weights_only=True)
     assert ckpt["format_version"] == checkpoint.FORMAT_VERSION
     assert ckpt["config"] == {"dataset": "mnist", "image_shape": [1, 28, 28], "latent_dim": 4,
-                              "hidden_dims": [8, 16], "recon_loss": "bernoulli"}
+                              "hidden_dims": [8, 16], "recon_loss": "gaussian"}
     assert ckpt["epoch"] == 1 and len(ckpt["history"]) == 1
     assert ckpt["args"]["seed"] == 3 and "optimizer" in ckpt
     checkpoint.load(tmp / "out" / "models" / "VanillaVAE" / "VanillaVAE_mnist.pt")
@@ -161,17 +161,20 @@ def test_old_flag_spelling_and_custom_checkpoint_path(tmp_path):
 
 @pytest.mark.skipif(not os.path.isdir(data.DEBIAN_FASHION_MNIST),
                     reason="needs Debian's dataset-fashion-mnist (CI installs it)")
-def test_one_epoch_on_real_fashion_mnist_learns(tmp_path):
-    """A few thousand real images: one epoch takes the test -ELBO far below its start."""
+@pytest.mark.parametrize("recon_loss, least_drop_bits_per_dim", [("gaussian", 1.0), ("bernoulli", 0.2)])
+def test_one_epoch_on_real_fashion_mnist_learns(tmp_path, recon_loss, least_drop_bits_per_dim):
+    """A few thousand real images: one epoch takes the test -ELBO far below its start (in bits
+    per dimension, as the Gaussian's nats include the constant D log 256 of 8-bit data)."""
     torch.manual_seed(0)
     train_images, _ = data.load_split("fashionmnist", "train", tmp_path, download=False)
     test_images, _ = data.load_split("fashionmnist", "test", tmp_path, download=False)
     train_images, test_images = train_images[:4000], test_images[:1000]
-    model = vae.VanillaVAE(vae.VAEConfig("fashionmnist", (1, 28, 28)))
+    model = vae.VanillaVAE(vae.VAEConfig("fashionmnist", (1, 28, 28), recon_loss=recon_loss))
     before = metrics.mean_elbo_terms(model, test_images, batch_size=500)
     settings = training.TrainSettings(n_epochs=1, lr=1e-3, batch_size=64, checkpoint_path=str(tmp_path / "c.pt"),
                                  run_dir=str(tmp_path / "run"), progress=False)
     training.train(model, train_images, test_images, settings)
     after = metrics.mean_elbo_terms(model, test_images, batch_size=500)
     neg_elbo_before, neg_elbo_after = before["recon"] + before["kl"], after["recon"] + after["kl"]
-    assert neg_elbo_after < 0.7 * neg_elbo_before, (neg_elbo_before, neg_elbo_after)
+    drop_bits_per_dim = metrics.bits_per_dim(neg_elbo_before - neg_elbo_after, 784)
+    assert drop_bits_per_dim > least_drop_bits_per_dim, (neg_elbo_before, neg_elbo_after)

@@ -49,7 +49,7 @@ def evaluate(workspace, checkpoint, out, *flags):
 
 
 def test_eval_writes_json_table_and_pictures(workspace, capsys):
-    checkpoint = train(workspace, "bin", "--latent_dim", "2", "--binarize")
+    checkpoint = train(workspace, "bin", "--latent_dim", "2", "--binarize", "--recon_loss", "bernoulli")
     capsys.readouterr()
     assert evaluate(workspace, checkpoint, "bin", "--fid_samples", "0") == 0
     table = capsys.readouterr().out
@@ -67,7 +67,7 @@ def test_eval_writes_json_table_and_pictures(workspace, capsys):
 
 
 def test_eval_of_grey_bernoulli_says_it_is_a_cross_entropy(workspace, capsys):
-    checkpoint = train(workspace, "grey", "--latent_dim", "3")
+    checkpoint = train(workspace, "grey", "--latent_dim", "3", "--recon_loss", "bernoulli")
     capsys.readouterr()
     assert evaluate(workspace, checkpoint, "grey", "--fid_samples", "0") == 0
     assert "NOT a likelihood of 8-bit data" in capsys.readouterr().out
@@ -133,8 +133,8 @@ def test_other_datasets_are_brought_to_the_models_shape():
 
 
 def test_binarized_training_resumes_to_the_same_weights(workspace):
-    straight = train(workspace, "straight", "--latent_dim", "2", "--binarize", epochs=2)
-    halves = train(workspace, "halves", "--latent_dim", "2", "--binarize", epochs=1)
+    straight = train(workspace, "straight", "--latent_dim", "2", "--binarize", "--recon_loss", "bernoulli", epochs=2)
+    halves = train(workspace, "halves", "--latent_dim", "2", "--binarize", "--recon_loss", "bernoulli", epochs=1)
     assert VanVAE.main(["--train", "--resume", "--dataset", "mnist", "--data_dir", str(workspace / "data"),
                         "--output_dir", str(workspace / "halves"), "--checkpoint", halves,
                         "--n_epochs", "2"]) == 0

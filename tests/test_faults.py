@@ -134,7 +134,7 @@ def one_epoch(capsys, tmp_path, small_data):
 
 @pytest.mark.parametrize("flag, value, recorded", [
     ("--lr", "0.01", "0.0002"), ("--batch_size", "16", "8"), ("--kld_weight", "0.5", "1.0"),
-    ("--latent_dim", "8", "4"), ("--seed", "7", "0"), ("--recon_loss", "gaussian", "bernoulli"),
+    ("--latent_dim", "8", "4"), ("--seed", "7", "0"), ("--recon_loss", "bernoulli", "gaussian"),
     ("--binarize", None, "False"), ("--lr_schedule", "cosine", "constant"), ("--kl_warmup_epochs", "1", "0"),
 ])
 def test_resume_refuses_a_flag_that_contradicts_the_checkpoint(capsys, one_epoch, small_data, flag, value,
