@@ -348,7 +348,7 @@ def test_weights_broken_by_the_last_step_of_an_epoch_are_never_saved(capsys, mon
     def step_then_break(self, *args, **kwargs):
         result = real_step(self, *args, **kwargs)
         with torch.no_grad():
-            self.param_groups[0]["params"][0].fill_(float("inf"))
+            next(p for p in self.param_groups[0]["params"] if p.requires_grad).fill_(float("inf"))
         return result
     monkeypatch.setattr(torch.optim.Adam, "step", step_then_break)
     monkeypatch.setattr(training, "batches_per_epoch", lambda n_images, batch_size: 1)
@@ -642,7 +642,7 @@ def test_100000_samples_arrive_whole_in_small_memory(tmp_path, good_checkpoint):
     many_mib = peak_mib_of_sampling(good_checkpoint, tmp_path, 100000)
     print(f"peak resident memory of --sample: {few_mib:.0f} MiB for 16 samples, "
           f"{many_mib:.0f} MiB for 100000")
-    stem = Path(checkpoint.run_dir(tmp_path, good_checkpoint)) / "prior_samples_n100000_seed0"
+    stem = Path(checkpoint.run_dir(tmp_path, good_checkpoint)) / "gmm_prior_samples_n100000_seed0"
     samples = util.load_torch_file(f"{stem}.pt", "sample file")
     assert samples.shape == (100000, 1, 28, 28) and samples.dtype == torch.uint8
     png = Path(f"{stem}.png")
