@@ -70,14 +70,12 @@ class TrainedVAE:
         mean, logvar = self.model.encode(x)
         return Posterior(mean.float().cpu(), logvar.float().exp().cpu())
 
-    @torch.no_grad()
     def decode(self, z):
         """The decoder's mean image of each latent z (N, latent_dim), as uint8 (N, C, H, W)."""
         z = torch.as_tensor(z, dtype=torch.float32, device=self.device)
         if z.dim() != 2 or z.shape[1] != self.config.latent_dim:
             raise UserError(f"z must be (N, {self.config.latent_dim}), not {tuple(z.shape)}")
-        images = self.model.mean_image(self.model.decode(z))
-        return images.mul(255).round_().to(torch.uint8).cpu()
+        return sampling.decoded_uint8(self.model, z).cpu()
 
     def reconstruct(self, images):
         """Each image decoded from its posterior mean, uint8 (N, C, H, W)."""

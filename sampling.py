@@ -14,6 +14,13 @@ from util import atomic_torch_save, save_image_grid
 
 
 @torch.no_grad()
+def decoded_uint8(model, z):
+    """The decoder's mean image of each latent z, quantised to uint8 as a saved sample is (on
+    z's device)."""
+    return model.mean_image(model.decode(z)).mul(255).round_().to(torch.uint8)
+
+
+@torch.no_grad()
 def prior_samples_uint8(model, n, generator, prior=None, chunk=1024):
     """n images decoded from z ~ `prior` (a priors.py state; None is N(0, I)), quantised to
     uint8 as a saved sample is, on the CPU.
@@ -27,8 +34,8 @@ def prior_samples_uint8(model, n, generator, prior=None, chunk=1024):
     for start in range(0, n, chunk):
         z = priors.sample_latents(prior, min(chunk, n - start), generator, device,
                                   latent_dim=model.config.latent_dim)
-        images = model.mean_image(model.decode(z))
-        samples[start:start + images.shape[0]] = images.mul(255).round_().to(torch.uint8).cpu()
+        images = decoded_uint8(model, z)
+        samples[start:start + images.shape[0]] = images.cpu()
     model.train(was_training)
     return samples
 
