@@ -8,7 +8,6 @@
 """
 
 import argparse
-import math
 import os
 import shlex
 import signal
@@ -16,7 +15,18 @@ import sys
 
 import settings
 import util
-from settings import DATASETS, DEFAULT_DATASET, PRIORS, TrainSettings, VAEConfig
+from settings import (
+    DATASETS,
+    DEFAULT_DATASET,
+    PRIORS,
+    RunChoices,
+    TrainingRecord,
+    VAEConfig,
+    dataset_type,
+    fraction_type,
+    nonnegative_int,
+    positive_int,
+)
 from util import UserError
 
 # Imported by import_the_work() once the flags are checked: torch, torchvision and medmnist take
@@ -28,47 +38,6 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         # One line and exit status 2, like every other user error.
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def number_type(kind, minimum, rule, minimum_allowed=True, maximum=None):
-    """An argparse type: a finite int or float no smaller than `minimum` (or above it), and no
-    larger than `maximum` if given."""
-    noun = "whole number" if kind is int else "number"
-
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {noun}") from None
-        if (not math.isfinite(value) or value < minimum or (value == minimum and not minimum_allowed)
-                or (maximum is not None and value > maximum)):
-            raise argparse.ArgumentTypeError(f"must be {rule}, not {text}")
-        return value
-    return parse
-
-
-def dataset_type(text):
-    """A named dataset, or the path of the user's images (a folder or a .npy/.npz file)."""
-    if text in DATASETS or settings.is_path_dataset(text):
-        return text
-    raise argparse.ArgumentTypeError(f"{text!r} is neither a dataset ({', '.join(DATASETS)}) "
-                                     "nor an existing folder or .npy/.npz file")
-
-
-def fraction_type(text):
-    value = number_type(float, 0, "zero or more")(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"must be below 1, not {text}")
-    return value
-
-
-positive_int = number_type(int, 1, "at least 1")
-nonnegative_int = number_type(int, 0, "zero or more")
-positive_float = number_type(float, 0, "a positive number", minimum_allowed=False)
-nonnegative_float = number_type(float, 0, "zero or a positive number")
-# torch's generators take seeds below 2^64; the run derives seed + 1 and seed + 2 from it.
-MAX_SEED = 2**63 - 1
-seed_type = number_type(int, 0, f"a whole number from 0 to {MAX_SEED}", maximum=MAX_SEED)
 
 
 def build_parser():
@@ -87,111 +56,28 @@ def build_parser():
                       "report AUROC and FPR at 95%% TPR")
     mode.add_argument("--fit_prior", choices=PRIORS[1:], default=None,
                       help="fit a latent prior to the training set's posterior means and store it in "
-                           "--checkpoint: gmm (Ghosh et al. 2020; --train fits it after its last epoch) "
-                           "or two_stage (Dai and Wipf 2019, a few minutes on a CPU)")
+                           "--checkpoint: gmm (Ghosh et al. 2020; --train fits it after its last epoch), "
+                           "two_stage (Dai and Wipf 2019) or flow (a masked autoregressive flow)")
     p.add_argument("--prior", choices=(*PRIORS, "all"), default=None,
                    help="where z comes from for --sample and --eval: standard (N(0, I), the VAE's "
-                        "own), gmm or two_stage (fitted after training), or all (--eval only) "
+                        f"own), {', '.join(PRIORS[1:])} (fitted after training), or all (--eval only) "
                         f"(default: none, meaning the first the checkpoint holds of "
                         f"{', '.join(settings.PRIOR_PREFERENCE)}: best measured first)")
-    p.add_argument("--prior_components", type=positive_int, default=settings.GMM_COMPONENTS,
-                   help="Gaussian components of the gmm prior (default: %(default)s, measured better "
-                        "than Ghosh et al.'s 10 on Fashion-MNIST; docs/RESULTS.md)")
-    p.add_argument("--prior_codes", type=nonnegative_int, default=settings.GMM_CODES,
-                   help="fit the gmm prior to this many training codes, drawn at random; 0 means "
-                        "all of them (default: %(default)s: EM's time grows with the count; "
-                        "docs/RESULTS.md measures what fewer cost)")
     p.add_argument("--dataset", type=dataset_type, default=None, metavar="NAME|PATH",
                    help=f"dataset to train on: one of {', '.join(DATASETS)}, or your own images: "
                         "a folder of image files (any depth; train/ and test/ subfolders are the "
                         f"splits) or a .npy/.npz array file of uint8 images (default: {DEFAULT_DATASET})")
-    p.add_argument("--batch_size", type=positive_int, default=TrainSettings.batch_size,
-                   help="images per step; under torchrun the global batch, split evenly over the "
-                        "processes, so it must be a multiple of their number (default: %(default)s)")
-    p.add_argument("--n_epochs", type=positive_int, default=TrainSettings.n_epochs,
-                   help="epochs to train (default: %(default)s)")
-    p.add_argument("--lr", type=positive_float, default=TrainSettings.lr,
-                   help="Adam learning rate (default: %(default)s)")
-    p.add_argument("--lr_schedule", choices=settings.LR_SCHEDULES, default=TrainSettings.lr_schedule,
-                   help="Adam's learning rate over the run: constant (--lr throughout) or cosine "
-                        "(from --lr down to 0 over the --n_epochs of this invocation, set every "
-                        "step from the step number: a run resumed with a larger --n_epochs takes "
-                        "the longer curve's value at the step it reached, so the rate rises) "
-                        "(default: %(default)s)")
-    p.add_argument("--kl_warmup_epochs", type=nonnegative_int, default=TrainSettings.kl_warmup_epochs,
-                   help="raise the KL term's weight in the training objective linearly from 0 to "
-                        "--kld_weight over this many epochs, every step; the -ELBO printed and "
-                        "saved stays the true one, only the objective (loss) is warmed "
-                        "(default: %(default)s, no warm-up)")
-    p.add_argument("--latent_dim", type=positive_int, default=VAEConfig.latent_dim,
-                   help="latent dimensions (default: %(default)s)")
-    p.add_argument("--hidden_dims", type=positive_int, nargs="+", default=None,
-                   help="channels of each stride-2 conv layer (default: none given, meaning "
-                        f"{' '.join(map(str, settings.DEFAULT_HIDDEN_DIMS))})")
     p.add_argument("--checkpoint", default=None,
                    help="checkpoint path to save to (--train) or load (--sample) "
                         "(default: none, meaning <output_dir>/models/VanillaVAE/VanillaVAE_<dataset>.pt)")
-    p.add_argument("--num_samples", type=positive_int, default=TrainSettings.num_samples,
-                   help="images drawn from the prior per sample grid or --sample run (default: %(default)s)")
-    p.add_argument("--sample_and_save_frequency", "--sample_and_save_freq", type=positive_int,
-                   default=TrainSettings.sample_and_save_frequency,
-                   dest="sample_and_save_frequency",
-                   help="save checkpoint, samples and reconstructions every this many epochs, and "
-                        "after the last (default: %(default)s)")
-    p.add_argument("--data_dir", default="./data", help="where datasets are found or downloaded (default: ./data)")
-    p.add_argument("--output_dir", default=".",
-                   help="where models/ and runs/ are written (default: . the working directory)")
-    p.add_argument("--seed", type=seed_type, default=None,
-                   help="random seed for weights, shuffling and sampling (default: none, meaning a "
-                        "fresh one, printed and saved so the run can be repeated)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
-                   help="where to compute (default: auto, meaning cuda, then mps, then cpu); under "
-                        "torchrun each process uses cuda:LOCAL_RANK, or the cpu")
-    p.add_argument("--recon_loss", choices=settings.RECON_LOSSES, default=VAEConfig.recon_loss,
-                   help="decoder likelihood: gaussian (a density of dequantised 8-bit pixels whose "
-                        "variance is calibrated to each batch's squared error, the sigma-VAE; the best "
-                        "samples measured, docs/RESULTS.md), bernoulli (BCE on [0,1] intensities) or mse "
-                        "(GenerativeZoo's per-pixel mean squared error) (default: %(default)s)")
-    p.add_argument("--kld_weight", type=nonnegative_float, default=TrainSettings.kld_weight,
-                   help="weight of the KL term; 1 gives the true ELBO (default: %(default)s; GenerativeZoo "
-                        "uses 0.0001 with --recon_loss mse)")
-    p.add_argument("--image_size", type=positive_int, default=None,
-                   help="MedMNIST image size: 28, 64, 128 or 224; for your own images, N brings "
-                        "every image to N x N (shorter side resized with antialiasing, then a "
-                        "centre crop) (default: none, meaning the dataset's native size: 28 for "
-                        "MNIST, Fashion-MNIST and MedMNIST, 32 for CIFAR-10 and SVHN; your own "
-                        "images must then share one size)")
     p.add_argument("--channels", type=int, choices=(1, 3), default=None,
                    help="with --dataset PATH: grey (1) or RGB (3); alpha is composited on white "
                         "(default: none, meaning 1 when every image is grey, else 3)")
-    p.add_argument("--test_fraction", type=fraction_type, default=0.05,
+    p.add_argument("--test_fraction", type=fraction_type, default=settings.TEST_FRACTION,
                    help="with --dataset PATH and no train/ and test/ subfolders (or .npz "
                         "train/test arrays): the share held out for test, chosen by a hash of "
                         "each file's path (or array index), so adding images moves no old one "
                         "(default: %(default)s)")
-    p.add_argument("--strict", action="store_true",
-                   help="with --dataset PATH: stop at an unreadable image instead of skipping it "
-                        "with a warning")
-    p.add_argument("--precision", choices=settings.PRECISIONS, default=TrainSettings.precision,
-                   help="autocast dtype of convolutions and matrix products while training: bf16 "
-                        "(CPUs with AVX512-BF16/AMX, CUDA), fp16 (CUDA only, with loss scaling), "
-                        "fp32; weights, loss and Adam stay fp32 (default: auto, meaning bf16 where "
-                        "the hardware has it natively, else fp32; see docs/BENCHMARKS.md)")
-    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction,
-                   default=TrainSettings.channels_last,
-                   help="NHWC memory layout, faster with oneDNN and cuDNN (default: %(default)s)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=TrainSettings.compile,
-                   help="torch.compile the training step's forward: a few %% faster per step, "
-                        "15-25 s to compile the first time on a machine, cached after "
-                        "(default: %(default)s)")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="CPU threads for PyTorch (default: none, meaning one per CPU this process "
-                        "may run on)")
-    p.add_argument("--binarize", action="store_true",
-                   help="with --train and --recon_loss bernoulli: train on a fresh binarisation of "
-                        "every batch (pixel = 1 with probability its intensity) and evaluate on a "
-                        "fixed binarisation of the test set, so nats compare with binarised-MNIST "
-                        "results; --eval reads it from the checkpoint")
     p.add_argument("--iw_samples", type=positive_int, default=100,
                    help="importance samples K per image for the log-likelihood bound of --eval and "
                         "--outlier_detection (default: 100; Burda et al. report K=5000)")
@@ -205,25 +91,23 @@ def build_parser():
                    help="with --outlier_detection: the dataset whose test images are the outliers; "
                         "brought to the model's channels and size by channel mean or repetition and "
                         "bilinear resizing")
-    p.add_argument("--tensorboard", action="store_true",
-                   help="with --train: also write TensorBoard event files to the run folder (the "
-                        "running loss, every history.csv figure, the learning rate, images/s, and "
-                        "the pictures of each save); view with: tensorboard --logdir runs")
-    p.add_argument("--progress_seconds", type=nonnegative_float, default=TrainSettings.progress_seconds,
-                   help="when the output is not a terminal (a log file, a batch job): seconds "
-                        "between progress lines; on a terminal a progress bar is shown instead "
-                        "(default: %(default)s)")
     p.add_argument("--resume", action="store_true",
                    help="with --train: continue from --checkpoint (or the default one) where it stopped")
     p.add_argument("--overwrite", action="store_true",
                    help="with --train: replace an existing checkpoint instead of refusing to start")
+    for declaration, title in DECLARED_GROUPS:
+        group = p.add_argument_group(title)
+        for f in settings.flag_fields(declaration):
+            group.add_argument(f"--{f.name}", *f.metadata["aliases"], dest=f.name,
+                               default=settings.flag_default(f), help=f.metadata["help"],
+                               **f.metadata["argparse"])
     return p
 
-# Flags a resumed run does not take back from the checkpoint: where things are, how long to go on.
-# (How it computes, too: --threads and --precision change the arithmetic, so an exact resume needs them.)
-RESUME_FLAGS = ("n_epochs", "data_dir", "output_dir", "sample_and_save_frequency", "num_samples",
-                "device", "image_size", "threads", "precision", "channels_last", "compile", "strict",
-                "tensorboard", "progress_seconds")
+
+# The flags settings.py declares, as --help groups them.
+DECLARED_GROUPS = ((VAEConfig, "the network (recorded in the checkpoint; --resume keeps it)"),
+                   (TrainingRecord, "the training recipe (recorded in the checkpoint; --resume keeps it)"),
+                   (RunChoices, "this run (not recorded; a stopped run's resume command repeats them)"))
 
 
 def resume_command(args, checkpoint_path, launcher="python"):
@@ -232,7 +116,7 @@ def resume_command(args, checkpoint_path, launcher="python"):
     words = ["VanVAE.py", "--train", "--resume", *(["--dataset", args.dataset] if args.dataset else []),
              "--checkpoint", checkpoint_path]
     parser = build_parser()
-    for name in RESUME_FLAGS:
+    for name in settings.flag_names(RunChoices):
         value = getattr(args, name)
         if value == parser.get_default(name):
             continue
@@ -250,7 +134,7 @@ def check_flags(args):
     if args.outlier_detection and args.out_dataset is None:
         raise UserError("--outlier_detection needs --out_dataset NAME (the dataset of outliers)")
     if args.sample and args.prior == "all":
-        raise UserError("--sample draws from one prior: give --prior standard, gmm or two_stage")
+        raise UserError(f"--sample draws from one prior: give --prior {', '.join(PRIORS)}")
     if args.eval and args.fid_samples == 1:
         raise UserError("--fid_samples 1 gives no covariance: use 0 (no FID) or at least 2")
     if args.eval and args.fid_samples > 0 and args.eval_images == 1:
@@ -341,7 +225,9 @@ def main(argv=None):
         getattr(modes, f"run_{mode}")(args)
     except UserError as e:
         if os.environ.get("RANK", "0") == "0" or e.this_rank_only:  # each problem said once
-            print(f"VanVAE.py: error{rank_words()}: {e}", file=sys.stderr)
+            # A value named by its field is named by its flag here (util.BadValue).
+            print(f"VanVAE.py: error{rank_words()}: {'--' if isinstance(e, util.BadValue) else ''}{e}",
+                  file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"VanVAE.py: --{mode} interrupted{rank_words()}"

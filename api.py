@@ -7,7 +7,7 @@ reconstruct with, from a script or a notebook in the repository folder:
 
 The command line's --sample draws through this same class. Images go in and come out as
 uint8 (N, C, H, W) tensors, as the datasets hold them and as --sample saves them; latents are
-float32 (N, latent_dim). Errors are util.UserError (a ValueError), one line each."""
+float32 (N, latent_dim). Errors are util.UserError, one line each."""
 
 from dataclasses import dataclass
 

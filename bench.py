@@ -5,7 +5,7 @@
 
 (a) is VanVAE's own pipeline: uint8 images at native size in memory and training.TrainStep, the
 training loop's own step (batch, binarisation, noise, Adam step, running sums), with
-TrainSettings' defaults for precision and memory layout. (b) is GenerativeZoo's, rebuilt: a
+settings.RunChoices' defaults for precision and memory layout. (b) is GenerativeZoo's, rebuilt: a
 torchvision dataset with per-image Resize(32), ToTensor and Normalize(0.5, 0.5), a DataLoader
 with num_workers 0, the same network at 32 px with its MSE loss, plain Adam and a .item() every
 step. Each (pipeline, images, repeat) runs in its
@@ -31,10 +31,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import datasets, transforms
 
 import data
+import kernels
 import metrics
 import training
 import util
 import vae
+from settings import RunChoices, TrainingRecord, TrainSettings
 from util import UserError
 
 IMAGE_SETS = {"grey28": "28 px grey (Fashion-MNIST)", "colour32": "32 px colour"}
@@ -95,9 +97,9 @@ def generativezoo_datasets(image_set, data_dir, train_u8, test_u8, source):
 def plain_torch_layers(model):
     """GenerativeZoo's network uses stock nn.Conv2d/ConvTranspose2d: undo VanVAE's GEMM bottleneck."""
     for module in model.modules():
-        if isinstance(module, vae.Conv2d):
+        if isinstance(module, kernels.Conv2d):
             module.__class__ = nn.Conv2d
-        elif isinstance(module, vae.ConvTranspose2d):
+        elif isinstance(module, kernels.ConvTranspose2d):
             module.__class__ = nn.ConvTranspose2d
     return model
 
@@ -124,8 +126,8 @@ class VanVAEPipeline:
             i = self.step_index % n_batches
             self.step_index += 1
             idx = self.order[i * self.batch_size:(i + 1) * self.batch_size]
-            self.sums += self.step(self.train_u8, idx, self.batch_size, all_rows, self.settings.lr,
-                                   self.settings.kld_weight)
+            self.sums += self.step(self.train_u8, idx, self.batch_size, all_rows, self.settings.record.lr,
+                                   self.settings.record.kld_weight)
             if self.step_index % 25 == 0:
                 self.sums[2].item()  # the loop's one host sync per 25 steps
         self.sums[2].item()
@@ -136,7 +138,7 @@ class VanVAEPipeline:
         self.model.train()
 
     def test_pass(self):
-        metrics.mean_elbo_terms(self.model, self.test_u8, self.settings.kld_weight, self.batch_size)
+        metrics.mean_elbo_terms(self.model, self.test_u8, self.settings.record.kld_weight, self.batch_size)
         return self.test_u8.shape[0]
 
 
@@ -226,7 +228,8 @@ def measure(job):
     train_u8, test_u8, source = uint8_splits(job["image_set"], job["data_dir"], n_train, job["n_test"])
     if job["pipeline"] == "a":
         util.keep_freed_memory()  # as VanVAE.py does
-        settings = training.TrainSettings(batch_size=batch_size, **job["settings"])
+        settings = TrainSettings(TrainingRecord(job["image_set"], seed=0, batch_size=batch_size),
+                                 RunChoices(**job["settings"]))
         pipeline = VanVAEPipeline(train_u8, test_u8, batch_size, device, settings)
         precision = pipeline.precision
     else:
@@ -235,7 +238,7 @@ def measure(job):
         if source == "real":
             test_set = torch.utils.data.Subset(test_set, range(job["n_test"]))
         pipeline = GenerativeZooPipeline(train_set, test_set, train_u8.shape[1], batch_size, device,
-                                         training.TrainSettings.lr)
+                                         TrainingRecord.lr)
         precision = "fp32"
     pipeline.train_steps(job["warmup"])
     train_rate, train_cpu_rate = images_per_second(lambda: pipeline.train_steps(steps),
@@ -334,7 +337,7 @@ def print_table(rows):
 def bench_device(device, args, settings):
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
-    precisions = {"fp32", training.resolve_precision(settings.get("precision", training.TrainSettings.precision),
+    precisions = {"fp32", training.resolve_precision(settings.get("precision", RunChoices.precision),
                                                 device)}
     peaks = {p: matmul_peak_flops(device, {"fp32": torch.float32, "bf16": torch.bfloat16,
                                            "fp16": torch.float16}[p], args.matmul_size, args.repeats + 2)
@@ -384,9 +387,9 @@ def parse_args(argv):
     p.add_argument("--device", choices=("all", "cpu", "cuda"), default="all",
                    help="which devices to measure (default: all, meaning the CPU and CUDA if present)")
     p.add_argument("--precision", choices=training.PRECISIONS, default=None,
-                   help="(a)'s precision (default: none, meaning training.TrainSettings' default)")
+                   help="(a)'s precision (default: none, meaning settings.RunChoices' default)")
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
-                   help="(a)'s memory layout (default: TrainSettings' default)")
+                   help="(a)'s memory layout (default: settings.RunChoices' default)")
     p.add_argument("--generated", action="store_true",
                    help="generated images even where Fashion-MNIST is installed (faster to load)")
     p.add_argument("--quick", action="store_true", help="2 steps, 1 repeat, small sets: checks the script runs")

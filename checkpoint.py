@@ -5,7 +5,7 @@ Format 2 is a dict that torch.load(weights_only=True) reads (tensors and plain v
     format_version  2
     config          vae.VAEConfig as a dict: rebuilds the network
     model           the network's state_dict
-    training        TrainingRecord as a dict: what a resumed run and --eval read back
+    training        settings.TrainingRecord as a dict: what a resumed run and --eval read back
     optimizer       Adam's state_dict                               } where training stands,
     epoch, step     epochs done, and steps done in the next one     } for --resume; absent
     history         one dict of per-epoch figures per epoch         } from a weights-only
@@ -22,48 +22,18 @@ import contextlib
 import fcntl
 import hashlib
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+
+import torch
 
 import priors as latent_priors
-from settings import LR_SCHEDULES
+from settings import TrainingRecord, field_problem, value_problem
 from util import UserError, atomic_torch_save, first_line, load_torch_file
 from vae import VAEConfig, VanillaVAE
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 PROGRESS_KEYS = ("optimizer", "epoch", "step", "history", "partial", "rng")
-
-
-@dataclass(frozen=True)
-class TrainingRecord:
-    """How the weights were trained: what --resume continues with and --eval must know.
-
-    dataset     the dataset's name (also in config, which rebuilds the network)
-    seed        the run's seed: shuffling, noise and the fixed sample grid derive from it
-    batch_size  global images per step
-    lr          Adam's learning rate
-    kld_weight  weight of the KL term in the objective (1 = the ELBO)
-    binarize    whether training saw dynamically binarised images (so --eval binarises too)
-    data_source None for a named dataset; for the user's own images, data.load_splits' source:
-                their path, fingerprint, image counts and shape, and the options they were read
-                with, so --eval reads the same held-out split and --resume notices a change
-    n_train     training images (None in format 1), so --resume refuses other data
-    n_test      test images (None in format 1)
-    lr_schedule       constant or cosine (settings.LR_SCHEDULES; schedules.py)
-    kl_warmup_epochs  epochs over which the KL weight rose from 0 to kld_weight
-    The last two were added to format 2 later, with defaults: a file without them was trained
-    with a constant learning rate and no warm-up."""
-    dataset: str
-    seed: int
-    batch_size: int
-    lr: float
-    kld_weight: float = 1.0
-    binarize: bool = False
-    data_source: dict | None = None
-    n_train: int | None = None
-    n_test: int | None = None
-    lr_schedule: str = "constant"
-    kl_warmup_epochs: int = 0
 
 
 @dataclass(frozen=True)
@@ -144,10 +114,13 @@ def _lock(lock_path, path):
         os.close(fd)
 
 
-def save(path, model, training, progress, flags):
+def save(path, model, training, progress, flags, priors=None):
     """Write a format-2 checkpoint atomically; `progress` holds PROGRESS_KEYS, and the fp16
-    loss scaler's state as "scaler" where there is one."""
+    loss scaler's state as "scaler" where there is one; `priors` ({name: state}), if any, were
+    fitted to these weights."""
     extra = {"scaler": progress["scaler"]} if progress.get("scaler") is not None else {}
+    if priors:
+        extra["priors"] = priors
     atomic_torch_save({"format_version": FORMAT_VERSION, "config": model.config.as_dict(),
                        "model": model.state_dict(), "training": asdict(training),
                        **{key: progress[key] for key in PROGRESS_KEYS}, **extra, "args": flags}, path)
@@ -159,14 +132,18 @@ def load(path, dataset=None, image_shape=None):
     raw = load_torch_file(path)
     if not isinstance(raw, dict) or "format_version" not in raw:
         raise UserError(f"{path} is not a VanVAE checkpoint (no format_version)")
-    if raw["format_version"] not in READABLE_VERSIONS:
-        raise UserError(f"{path} has checkpoint format {raw['format_version']}; this VanVAE reads "
-                        f"formats {' and '.join(map(str, READABLE_VERSIONS))}")
+    version = raw["format_version"]
+    if isinstance(version, bool) or not isinstance(version, int) or version not in READABLE_VERSIONS:
+        shown = version if isinstance(version, int) else repr(str(version)[:40])
+        raise UserError(f"{path} has checkpoint format {shown}; this VanVAE reads formats "
+                        f"{' and '.join(map(str, READABLE_VERSIONS))} (format_version)")
     try:
-        model = VanillaVAE(VAEConfig(**raw["config"]))
-        model.load_state_dict(raw["model"])
+        model = _model(raw)
         training = _training_record(raw, model.config.dataset)
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        for key, kind in (("args", dict), ("priors", dict)):
+            if raw.get(key) is not None and not isinstance(raw[key], kind):
+                raise ValueError(f"{key} must be a {kind.__name__}, not {type(raw[key]).__name__}")
+    except (KeyError, TypeError, ValueError, RuntimeError, UserError) as e:  # BadValue too
         raise UserError(f"{path} does not describe a VanVAE model: {first_line(e)}") from None
     progress = {key: raw[key] for key in (*PROGRESS_KEYS, "scaler") if key in raw}
     fitted = _checked_priors(raw.get("priors") or {}, model.config, path)
@@ -184,7 +161,7 @@ def _checked_priors(fitted, config, path):
             if name not in latent_priors.PRIORS or state.get("kind") != name:
                 raise ValueError(f"it is stored as {name!r} but is of kind {state.get('kind')!r}")
             if state.get("dataset", config.dataset) != config.dataset:
-                raise ValueError(f"it was fitted on {state['dataset']}, the model is of {config.dataset}")
+                raise ValueError(f"it was fitted on {state['dataset']}, the model's dataset is {config.dataset}")
         except ValueError as e:
             raise UserError(f"{path} holds a malformed {name} prior ({first_line(e)}): fit it again "
                             f"with --fit_prior {name} --checkpoint {path}") from None
@@ -212,20 +189,117 @@ def check_matches(ckpt, dataset=None, image_shape=None):
                         f"give {tuple(image_shape)}")
 
 
+def _model(raw):
+    """The network the file describes, its every field and weight checked (ValueError naming it)."""
+    saved = raw.get("config")
+    if not isinstance(saved, dict):
+        raise ValueError(f"config must be a dict, not {type(saved).__name__}")
+    names = [f.name for f in fields(VAEConfig)]
+    missing, unknown = [n for n in names if n not in saved], [str(k) for k in saved if k not in names]
+    if missing or unknown:
+        wrong = f"lacks {', '.join(missing)}" if missing else f"holds unknown {', '.join(unknown)}"
+        raise ValueError(f"config {wrong}")
+    for name, length in (("image_shape", 3), ("hidden_dims", None)):
+        value = saved[name]
+        if not isinstance(value, (list, tuple)) or (length and len(value) != length) \
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ValueError(f"config.{name} must be a list of {length or 'some'} whole numbers, "
+                             f"not {type(value).__name__} {str(value)[:40]!r}")
+    config = VAEConfig(**saved)
+    problem = field_problem(config)
+    if problem:
+        raise ValueError(f"config.{problem}")
+    model = VanillaVAE(config)
+    weights = raw.get("model")
+    if not isinstance(weights, dict):
+        raise ValueError(f"model must be a state_dict (a dict), not {type(weights).__name__}")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:  # its first line names no key: the next says which and how
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise ValueError(f"model (the weights) does not fit config (the network it describes): "
+                         f"{lines[1] if len(lines) > 1 else lines[0]}") from None
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"model.{name} holds NaN or infinite values")
+    return model
+
+
+# Format 2 began without these record keys; a file without them was trained with their defaults.
+RECORD_KEYS_ADDED_LATER = ("lr_schedule", "kl_warmup_epochs")
+# What data.load_splits records of the user's own images (TrainingRecord.data_source).
+DATA_SOURCE_TYPES = {"path": (str,), "kind": (str,), "fingerprint": (str,), "n_train": (int,),
+                     "n_test": (int,), "image_shape": (list,), "image_size": (int, type(None)),
+                     "channels": (int, type(None)), "test_fraction": (float,), "classes": (list,)}
+
+
 def _training_record(raw, dataset):
     if "training" in raw:
-        record = TrainingRecord(**raw["training"])
-        if record.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"unknown lr_schedule {record.lr_schedule!r}")
-        if not isinstance(record.kl_warmup_epochs, int) or record.kl_warmup_epochs < 0:
-            raise ValueError(f"kl_warmup_epochs {record.kl_warmup_epochs!r} is not a whole number >= 0")
+        saved = raw["training"]
+        if not isinstance(saved, dict):
+            raise ValueError(f"training must be a dict, not {type(saved).__name__}")
+        names = [f.name for f in fields(TrainingRecord)]
+        missing = [n for n in names if n not in saved and n not in RECORD_KEYS_ADDED_LATER]
+        unknown = [str(k) for k in saved if k not in names]
+        if missing or unknown:
+            raise ValueError(f"training {'lacks ' + ', '.join(missing) if missing else ''}"
+                             f"{' and ' if missing and unknown else ''}"
+                             f"{'holds unknown ' + ', '.join(unknown) if unknown else ''}")
+        record = TrainingRecord(**saved)
+        problem = field_problem(record) or _data_source_problem(record.data_source)
+        if problem is None and (record.n_train is None) != (record.n_test is None):
+            problem = "n_train and n_test must both be image counts, or both none (format 1)"
+        if problem:
+            raise ValueError(f"training.{problem}")
         return record
     args = raw.get("args")
     if not isinstance(args, dict) or not all(k in args for k in ("seed", "batch_size", "lr", "kld_weight")):
         return None  # a weights-only format-1 file
     # Format 1 kept these among its flags; binarize was added later, so may be absent.
-    return TrainingRecord(dataset, int(args["seed"]), int(args["batch_size"]), float(args["lr"]),
-                          float(args["kld_weight"]), bool(args.get("binarize", False)))
+    return TrainingRecord(dataset, seed=int(args["seed"]), batch_size=int(args["batch_size"]),
+                          lr=float(args["lr"]), kld_weight=float(args["kld_weight"]),
+                          binarize=bool(args.get("binarize", False)))
+
+
+def _data_source_problem(source):
+    if source is None:
+        return None
+    for key, kinds in DATA_SOURCE_TYPES.items():
+        if key not in source:
+            return f"data_source lacks {key}"
+        problem = value_problem(source[key], kinds)
+        if problem:
+            return f"data_source.{key} {problem}"
+    return None
+
+
+def _is_count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_rng_state(value):
+    return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1
+
+
+# What --resume needs of each progress entry, and the words that say it.
+PROGRESS_RULES = {
+    "optimizer": (lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
+                  and isinstance(v.get("param_groups"), list), "Adam's state_dict (state, param_groups)"),
+    "epoch": (_is_count, "a whole number >= 0"),
+    "step": (_is_count, "a whole number >= 0"),
+    "history": (lambda v: isinstance(v, list) and all(
+        isinstance(row, dict) and row.keys() == v[0].keys()
+        and all(value_problem(x, (float,)) is None for x in row.values()) for row in v),
+        "a list of one dict of finite figures per epoch, all with the same keys"),
+    "partial": (lambda v: v is None or (isinstance(v, dict) and isinstance(v.get("sums"), torch.Tensor)
+                                        and v["sums"].shape == (3,) and v["sums"].is_floating_point()
+                                        and value_problem(v.get("seconds"), (float,)) is None),
+                "none, or a dict of 3 running sums and seconds"),
+    "rng": (lambda v: isinstance(v, dict) and all(_is_rng_state(v.get(k))
+                                                  for k in ("shuffle_at_epoch_start", "noise")),
+            "a dict of two generator states (uint8 tensors): shuffle_at_epoch_start and noise"),
+    "scaler": (lambda v: v is None or isinstance(v, dict), "none, or the GradScaler's state_dict"),
+}
 
 
 def check_resumable(ckpt):
@@ -240,3 +314,8 @@ def check_resumable(ckpt):
     if missing:
         raise UserError(f"{ckpt.path} holds weights but not the training state to resume "
                         f"(missing {', '.join(missing)}); use it with --sample, or train anew")
+    for key, (is_valid, words) in PROGRESS_RULES.items():
+        if key in ckpt.progress and not is_valid(ckpt.progress[key]):
+            raise UserError(f"{ckpt.path} holds a malformed training state: {key} must be {words}, "
+                            f"not {type(ckpt.progress[key]).__name__}; it still samples and evaluates "
+                            "(--sample, --eval), or train anew")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torchvision import datasets
 
 import images as image_files  # the user's own images (`images` names tensors here)
-from settings import DATASETS
+from settings import DATASETS, TEST_FRACTION
 from util import UserError, first_line
 
 MEDMNIST_SIZES = (28, 64, 128, 224)
@@ -63,7 +63,7 @@ def load_splits(dataset, data_dir, image_size=None, own_images=None):
         train = load_split(dataset, "train", data_dir, image_size)[0]
         test, labels = load_split(dataset, "test", data_dir, image_size)
         return train, test, labels, None
-    options = {"channels": None, "test_fraction": 0.05, "strict": False, **(own_images or {})}
+    options = {"channels": None, "test_fraction": TEST_FRACTION, "strict": False, **(own_images or {})}
     loaded = image_files.load_source(dataset, image_size=image_size, cache_dir=data_dir, **options)
     info = loaded["info"]
     source = {"path": info["path"], "kind": info["kind"], "fingerprint": info["fingerprint"],

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from util import UserError
+from util import BadValue, UserError
 
 _signal_group = None  # a gloo group, so the per-step stop vote never waits on a GPU
 
@@ -122,11 +122,11 @@ def first_on_each_machine(work):
 
 
 def check_batch_splits(batch_size, world):
-    """Raise UserError unless a global batch of batch_size images splits evenly over `world`
+    """Raise BadValue unless a global batch of batch_size images splits evenly over `world`
     processes (checked before any work, and again once the training set's size is known)."""
     if batch_size % world:
-        raise UserError(f"a global batch of {batch_size} images does not split evenly over the "
-                        f"{world} processes torchrun started: make --batch_size a multiple of {world}")
+        raise BadValue("batch_size", f"{batch_size} (the global batch) does not split evenly over the "
+                                     f"{world} processes torchrun started: make it a multiple of {world}")
 
 
 def batch_rows(batch_size):

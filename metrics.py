@@ -138,6 +138,7 @@ def _iw_log_likelihood(model, images, k, seed, max_decoded, device, on_progress)
 
 
 @torch.no_grad()
+@torch.no_grad()
 def posterior_means(model, images, batch_size=500):
     """E[z|x] of every image, (N, latent_dim) float32 CPU."""
     with eval_mode(model) as device:

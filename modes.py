@@ -6,17 +6,17 @@ imports this file, calls one run_* function and turns errors into one line."""
 import contextlib
 import os
 import random
-import time
 
 import api
 import checkpoint
 import data
 import distributed
+import fitting
+import settings
 import training
 import util
 import vae
-from progress import Progress
-from settings import DEFAULT_DATASET, PRIOR_PREFERENCE, TrainSettings
+from settings import DEFAULT_DATASET, PRIOR_PREFERENCE, TrainingRecord, TrainSettings
 from util import UserError
 
 
@@ -100,9 +100,6 @@ def run_train(args):
         train_in_process_group(args, device)
 
 
-# Flags --resume takes from the checkpoint: given with another value, they are refused.
-RECORDED_FLAGS = ("batch_size", "lr", "kld_weight", "seed", "binarize", "lr_schedule", "kl_warmup_epochs")
-CONFIG_FLAGS = ("latent_dim", "hidden_dims", "recon_loss")
 
 
 def load_resume(args, path):
@@ -124,10 +121,11 @@ def load_resume(args, path):
 
 
 def check_no_contradiction(args, ckpt):
-    """A flag given with --resume must agree with the checkpoint, which decides."""
+    """A recorded flag (settings.TrainingRecord's and VAEConfig's) given with --resume must agree
+    with the checkpoint, which decides."""
     config = ckpt.model.config
-    recorded = {**{name: getattr(ckpt.training, name) for name in RECORDED_FLAGS},
-                **{name: getattr(config, name) for name in CONFIG_FLAGS}}
+    recorded = {**{name: getattr(ckpt.training, name) for name in settings.flag_names(TrainingRecord)},
+                **{name: getattr(config, name) for name in settings.flag_names(vae.VAEConfig)}}
     for name, value in recorded.items():
         given = getattr(args, name)
         if name in args.given and (tuple(given) if name == "hidden_dims" else given) != value:
@@ -172,18 +170,22 @@ def load_training_data(args, resume):
     return train_images, test_images, loaded
 
 
+def hidden_dims(args):
+    """--hidden_dims, or the default network's when not given."""
+    return tuple(args.hidden_dims or settings.DEFAULT_HIDDEN_DIMS)
+
+
 def new_model(args, dataset, train_images, test_images, source):
     """A fresh model and its TrainingRecord from the flags."""
-    config = vae.VAEConfig(dataset=dataset, image_shape=tuple(train_images.shape[1:]),
-                           latent_dim=args.latent_dim,
-                           hidden_dims=tuple(args.hidden_dims or vae.DEFAULT_HIDDEN_DIMS),
-                           recon_loss=args.recon_loss)  # checked by VanillaVAE, below
+    config = settings.from_flags(vae.VAEConfig, vars(args) | {"hidden_dims": hidden_dims(args)},
+                                 dataset=dataset, image_shape=tuple(train_images.shape[1:]))
+    # checked by VanillaVAE, below
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     seed = distributed.from_main(seed)  # every process must shuffle and draw noise alike
     util.seed_everything(seed)  # before the weights are drawn
-    record = checkpoint.TrainingRecord(dataset, seed, args.batch_size, args.lr, args.kld_weight,
-                                       args.binarize, source, int(train_images.shape[0]),
-                                       int(test_images.shape[0]), args.lr_schedule, args.kl_warmup_epochs)
+    record = settings.from_flags(TrainingRecord, vars(args) | {"seed": seed}, dataset=dataset,
+                                 data_source=source, n_train=int(train_images.shape[0]),
+                                 n_test=int(test_images.shape[0]))
     return vae.VanillaVAE(config), record
 
 
@@ -197,8 +199,8 @@ def check_new_run(args, path):
     dataset = args.dataset or DEFAULT_DATASET
     if data.is_named(dataset):
         image_shape = data.image_shape(dataset, args.image_size)
-        vae.check_config(vae.VAEConfig(dataset, image_shape, args.latent_dim,
-                                       tuple(args.hidden_dims or vae.DEFAULT_HIDDEN_DIMS), args.recon_loss))
+        vae.check_config(settings.from_flags(vae.VAEConfig, vars(args) | {"hidden_dims": hidden_dims(args)},
+                                             dataset=dataset, image_shape=image_shape))
 
 
 def train_in_process_group(args, device):
@@ -224,57 +226,7 @@ def train_in_process_group(args, device):
         else:
             model, record = resume.model, resume.training
         train_with(args, device, threads, path, out_dir, model, record, train_images, test_images, resume)
-        # A finished run gets the GMM prior at once (Ghosh et al.'s ex-post density estimation).
-        distributed.on_main(lambda: fit_priors(checkpoint.load(path), ["gmm"], train_images,
-                                               args.prior_components, args.prior_codes, automatic=True))
     print(f"done: {path}")
-
-
-def fit_priors(ckpt, names, train_images, n_components, n_gmm_codes, automatic=False):
-    """Fit the named priors to the posterior means of the training images (the gmm to
-    `n_gmm_codes` of them drawn at random, 0 meaning all) and store them in the checkpoint (the
-    caller owns it). automatic: after --train, where a small training set lowers the number of
-    GMM components instead of failing a finished run."""
-    import metrics
-    import priors
-    images = data.binarize_fixed(train_images) if ckpt.binarize else train_images
-    start = time.perf_counter()
-    codes = metrics.posterior_means(ckpt.model, images)
-    encode_s = time.perf_counter() - start
-    n_codes, dataset = codes.shape[0], ckpt.model.config.dataset
-    n_fit = {"gmm": min(n_gmm_codes or n_codes, n_codes), "two_stage": n_codes}
-    seed = ckpt.training.seed if ckpt.training is not None else 0
-    fitted = {}
-    for name in names:
-        fitted_on = (f"posterior means of {'the ' if n_fit[name] == n_codes else ''}{n_fit[name]}"
-                     f"{'' if n_fit[name] == n_codes else f' (drawn at random) of the {n_codes}'} "
-                     f"{dataset} training images")
-        print(f"fitting the {name} prior to the {fitted_on} ...", flush=True)
-        start = time.perf_counter()
-        try:
-            if name == "gmm":
-                k = min(n_components, n_fit[name]) if automatic else n_components
-                with Progress("gmm prior, EM", None, "iteration") as bar:
-                    fitted[name] = priors.fit_gmm(codes, k, seed, fitted_on, n_fit[name], bar.update)
-                if not fitted[name]["em_converged"]:
-                    raise UserError(f"the gmm prior's EM did not converge in {priors.GMM_MAX_ITERATIONS} "
-                                    f"iterations: nothing was saved into {ckpt.path} (try fewer "
-                                    "--prior_components)")
-                how = f"{k} full-covariance component{'' if k == 1 else 's'}, EM"
-            else:
-                with Progress("two-stage prior", priors.TWO_STAGE_EPOCHS, "epoch") as bar:
-                    fitted[name] = priors.fit_two_stage(codes, seed, fitted_on, bar.update)
-                how = "a second VAE on the codes (Dai and Wipf 2019)"
-        except ValueError as e:
-            if name == "gmm" and n_components > n_fit[name]:
-                raise UserError(f"--prior_components {n_components} is more than the {n_fit[name]} "
-                                "training images the mixture is fitted to") from None
-            raise UserError(f"could not fit the {name} prior: {util.first_line(e)}") from None
-        print(f"fitted the {name} prior ({how}) to {fitted_on} in {time.perf_counter() - start:.1f} s "
-              f"(encoding them took {encode_s:.1f} s)", flush=True)
-    fitted = {name: {**state, "dataset": dataset} for name, state in fitted.items()}
-    checkpoint.save_priors(ckpt, fitted)
-    print(f"saved {', '.join(fitted)} into {ckpt.path}", flush=True)
 
 
 def run_fit_prior(args):
@@ -285,7 +237,13 @@ def run_fit_prior(args):
     with checkpoint.owned(path):
         ckpt = checkpoint.load(path, args.dataset and data.dataset_name(args.dataset))
         train_images, _, _ = load_training_data(args, ckpt)
-        fit_priors(ckpt, [args.fit_prior], train_images, args.prior_components, args.prior_codes)
+        try:
+            fitted = fitting.fitted_priors(ckpt.model, ckpt.training, [args.fit_prior], train_images,
+                                   args.prior_components, args.prior_codes)
+        except UserError as e:
+            raise UserError(f"{e}: nothing was saved into {path}") from None
+        checkpoint.save_priors(ckpt, fitted)
+        print(f"saved {', '.join(fitted)} into {path}", flush=True)
 
 
 def chosen_priors(ckpt, name):
@@ -318,21 +276,15 @@ def train_with(args, device, threads, path, out_dir, model, record, train_images
     # The record of the flags holds the values the run really uses: a resumed run's come back
     # from its checkpoint, whatever the command line said.
     flags = {**{k: v for k, v in vars(args).items() if k != "given"},
-             "dataset": args.dataset or config.dataset, "seed": record.seed, "checkpoint": path,
-             "batch_size": record.batch_size, "lr": record.lr, "kld_weight": record.kld_weight,
-             "binarize": record.binarize, "lr_schedule": record.lr_schedule,
-             "kl_warmup_epochs": record.kl_warmup_epochs, "latent_dim": config.latent_dim,
-             "hidden_dims": list(config.hidden_dims), "recon_loss": config.recon_loss}
-    settings = TrainSettings(
-        n_epochs=args.n_epochs, batch_size=record.batch_size, lr=record.lr,
-        kld_weight=record.kld_weight, sample_and_save_frequency=args.sample_and_save_frequency,
-        num_samples=args.num_samples, seed=record.seed, checkpoint_path=path, run_dir=out_dir,
-        flags=flags, progress=distributed.is_main(), progress_seconds=args.progress_seconds,
-        tensorboard=args.tensorboard,
-        precision=args.precision, channels_last=args.channels_last, compile=args.compile,
-        binarize=record.binarize, data_source=record.data_source, n_train=record.n_train,
-        n_test=record.n_test, lr_schedule=record.lr_schedule, kl_warmup_epochs=record.kl_warmup_epochs)
-    training.train(model, train_images, test_images, settings, resume)
+             "dataset": args.dataset or config.dataset, "checkpoint": path,
+             **{name: getattr(record, name) for name in settings.flag_names(TrainingRecord)},
+             **{name: getattr(config, name) for name in settings.flag_names(vae.VAEConfig)},
+             "hidden_dims": list(config.hidden_dims)}
+    run = TrainSettings(record, settings.from_flags(settings.RunChoices, vars(args)), path, out_dir,
+                        flags, progress=distributed.is_main())
+    training.train(model, train_images, test_images, run, resume,
+                   fitting.GMMAfterTraining(record, train_images, config.latent_dim,
+                                            args.prior_components, args.prior_codes, path))
 
 
 def run_sample(args):
@@ -399,11 +351,25 @@ def run_eval(args):
         print(f"  {name:<16} {file}")
 
 
+def check_other_dataset(out_dataset, dataset):
+    """Refuse --out_dataset naming the model's own test set: its AUROC would be about 0.5 by
+    construction, a figure that says nothing about outliers."""
+    if data.is_named(out_dataset) or data.is_named(dataset):
+        same = out_dataset == dataset
+    else:  # the user's images: the same files, whichever path or link names them
+        same = os.path.realpath(out_dataset) == os.path.realpath(dataset)
+    if same:
+        raise UserError(f"--out_dataset {out_dataset} is the dataset the model was trained on, so its "
+                        "test images are not outliers (AUROC about 0.5 by construction): give another "
+                        "dataset")
+
+
 def run_outlier_detection(args):
     import evaluation
     ckpt, out_dir = load_for_eval(args)
     config = ckpt.model.config
     dataset, data_dir, image_size, own_images = test_split_of(args, ckpt)
+    check_other_dataset(args.out_dataset, dataset)
     images_in, _ = data.load_test_images(dataset, data_dir, image_size, args.eval_images,
                                          binarize=ckpt.binarize, own_images=own_images)
     # Another dataset's images are brought to the model's shape; a different binarisation seed,

@@ -10,6 +10,9 @@ records how and on what it was fitted. Three kinds:
   two_stage  the two-stage VAE (Dai and Wipf 2019, "Diagnosing and enhancing VAE models"):
              a small second VAE trained on the codes; u ~ N(0, I) -> its decoder's
              mean -> z.
+  flow       a masked autoregressive flow (Papamakarios et al. 2017, MAF) fitted by maximum
+             likelihood to the standardised posterior means; u ~ N(0, I) -> the flow's
+             inverse -> z.
 Codes in, states and latents out: this file never touches images, datasets or files (the
 caller encodes the codes, e.g. with metrics.posterior_means, and saves the state). Errors are
 ValueErrors, one line each, for the command line to word."""
@@ -40,6 +43,15 @@ TWO_STAGE_EPOCHS = 40
 TWO_STAGE_BATCH_SIZE = 256
 TWO_STAGE_LEARNING_RATE = 1e-3
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+# The flow: zuko's MAF (maintained, torch only), not a flow of our own. Its size and length were
+# chosen by the held-out log-likelihood of the test codes and then FID-10k (docs/RESULTS.md).
+FLOW_TRANSFORMS = 8
+FLOW_HIDDEN = (256, 256)
+FLOW_EPOCHS = 10
+FLOW_BATCH_SIZE = 256
+FLOW_LEARNING_RATE = 1e-3  # Adam, cosine-annealed to 0 over the fit
+FLOW_MIN_SCALE = 1e-3  # floor of the per-dimension standard deviation the codes are divided by
 
 
 # ---------------------------------------------------------------- codes
@@ -117,6 +129,27 @@ def fit_gmm(codes, n_components=GMM_COMPONENTS, seed=0, fitted_on="", max_codes=
             "weights": torch.from_numpy(mixture.weights_.copy()),
             "means": torch.from_numpy(mixture.means_.copy()),
             "covariances": torch.from_numpy(mixture.covariances_.copy())}
+
+
+def gmm_fit_seconds(n_codes, latent_dim, n_components=GMM_COMPONENTS, iterations=20):
+    """An estimate of fit_gmm's seconds on this machine, for a run's time left: one EM iteration
+    on 2,000 random codes of this shape, timed (a few hundredths of a second), scaled to n_codes
+    and to `iterations` (14 here for Fashion-MNIST's 10,000 codes, docs/RESULTS.md) plus the
+    k-means start, counted as one more."""
+    import time
+
+    from sklearn.mixture import GaussianMixture
+
+    sample = min(n_codes, 2000)
+    k = min(n_components, sample)
+    codes = torch.randn((sample, latent_dim), generator=torch.Generator().manual_seed(0)).double().numpy()
+    mixture = GaussianMixture(k, covariance_type="full", reg_covar=GMM_COVARIANCE_RIDGE, max_iter=1,
+                              random_state=0)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one iteration never converges
+        mixture.fit(codes)
+    return (time.perf_counter() - start) * n_codes / sample * (iterations + 1)
 
 
 def _sample_gmm(state, n, generator, device):
@@ -245,11 +278,88 @@ def _sample_two_stage(state, n, generator, device):
         return _dense(decoder, "", u, state["depth"])
 
 
+# ---------------------------------------------------------------- normalizing flow
+
+def _flow_module(latent_dim, transforms, hidden):
+    """zuko's MAF of this size. Built under a forked RNG: its random initial weights are
+    overwritten by a fit or a state, and must not move the caller's random stream."""
+    import zuko  # imported here: only a flow prior needs it
+
+    with torch.random.fork_rng(devices=[]):
+        return zuko.flows.MAF(features=latent_dim, transforms=transforms,
+                              hidden_features=tuple(hidden))
+
+
+def fit_flow(codes, seed=0, fitted_on="", progress=None, transforms=FLOW_TRANSFORMS,
+             hidden=FLOW_HIDDEN, epochs=FLOW_EPOCHS, batch_size=FLOW_BATCH_SIZE,
+             learning_rate=FLOW_LEARNING_RATE):
+    """A masked autoregressive flow (zuko.flows.MAF: `transforms` affine MADE layers of
+    `hidden` widths, alternating orders) fitted by maximum likelihood to `codes` (N, d), each
+    dimension first standardised by the codes' mean and standard deviation (a VAE's inactive
+    units have nearly constant means; the floor keeps them from dominating the likelihood).
+    Seeded: same seed, same state. `progress`, if given, is called after each epoch as
+    progress(epochs done, status)."""
+    codes = _checked_codes(codes).float()
+    _checked_record(seed, fitted_on)
+    for name, value in (("transforms", transforms), ("epochs", epochs), ("batch_size", batch_size),
+                        *((f"hidden width {i + 1}", w) for i, w in enumerate(hidden))):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, not {value!r}")
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate must be positive, not {learning_rate!r}")
+    n_codes, latent_dim = codes.shape
+    shift, scale = codes.mean(0), codes.std(0).clamp_min(FLOW_MIN_SCALE)
+    x_all = (codes - shift) / scale
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        flow = _flow_module(latent_dim, transforms, hidden)
+    batch_size = min(batch_size, n_codes)
+    steps_per_epoch = n_codes // batch_size
+    optimizer = torch.optim.Adam(flow.parameters(), lr=learning_rate)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
+    for epoch in range(epochs):
+        order, loss_sum = torch.randperm(n_codes, generator=generator), 0.0
+        for step in range(steps_per_epoch):  # whole batches only: same-size steps
+            loss = -flow().log_prob(x_all[order[step * batch_size:(step + 1) * batch_size]]).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            loss_sum += loss.item()
+        # Nats per code of z itself: the standardisation's log-determinant added back.
+        epoch_nll = loss_sum / steps_per_epoch + scale.log().sum().item()
+        if not math.isfinite(epoch_nll):
+            raise ValueError(f"flow prior training diverged (loss {epoch_nll}) in epoch {epoch + 1}")
+        if progress is not None:
+            progress(epoch + 1, f"{-epoch_nll:.2f} nats mean log-likelihood per code")
+    return {"kind": "flow", "latent_dim": latent_dim, "transforms": transforms,
+            "hidden": list(hidden), "n_codes": n_codes, "seed": seed, "fitted_on": fitted_on,
+            "epochs": epochs, "batch_size": batch_size, "learning_rate": float(learning_rate),
+            "mean_log_likelihood_nats": -epoch_nll, "shift": shift, "scale": scale,
+            "flow": {name: t.detach().clone() for name, t in flow.state_dict().items()}}
+
+
+def _loaded_flow(state):
+    flow = _flow_module(state["latent_dim"], state["transforms"], state["hidden"])
+    flow.load_state_dict(state["flow"])
+    return flow
+
+
+def _sample_flow(state, n, generator, device):
+    flow = _loaded_flow(state).to(device)
+    u = torch.randn((n, state["latent_dim"]), generator=generator, device=device)
+    with torch.no_grad():
+        x = flow().transform.inv(u)  # zuko's transform maps z to u; its inverse samples
+    return x * state["scale"].to(device) + state["shift"].to(device)
+
+
 # ---------------------------------------------------------------- checking and sampling
 
 _REQUIRED_KEYS = {"standard": ("latent_dim",),
                   "gmm": ("latent_dim", "n_components", "weights", "means", "covariances"),
-                  "two_stage": ("latent_dim", "width", "depth", "decoder")}
+                  "two_stage": ("latent_dim", "width", "depth", "decoder"),
+                  "flow": ("latent_dim", "transforms", "hidden", "shift", "scale", "flow")}
 
 
 def _check_tensor(state, key, shape):
@@ -293,6 +403,29 @@ def _check_two_stage(state, d):
         _check_tensor(decoder, name, shape)
 
 
+def _check_flow(state, d):
+    _check_positive_int(state, "transforms")
+    hidden = state["hidden"]
+    if not isinstance(hidden, list) or not hidden or not all(
+            isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in hidden):
+        raise ValueError(f"prior hidden must be a list of positive integers, not {hidden!r}")
+    _check_tensor(state, "shift", (d,))
+    _check_tensor(state, "scale", (d,))
+    if (state["scale"] <= 0).any():
+        raise ValueError("prior scale must be positive")
+    flow = state["flow"]
+    expected = _flow_module(d, state["transforms"], hidden).state_dict()
+    if not isinstance(flow, dict) or set(flow) != set(expected):
+        raise ValueError(f"prior flow must hold exactly the {len(expected)} tensors of a "
+                         f"{state['transforms']}-transform MAF")
+    for name, tensor in expected.items():
+        if not tensor.is_floating_point():  # zuko's masks and orders: must equal the structure's
+            if not isinstance(flow[name], torch.Tensor) or not torch.equal(flow[name], tensor):
+                raise ValueError(f"prior flow {name} must be the MAF's own {tuple(tensor.shape)} buffer")
+        else:
+            _check_tensor(flow, name, tensor.shape)
+
+
 def check_prior(state, latent_dim):
     """Raise ValueError (one line) unless `state` is a well-formed prior for latent_dim codes."""
     if not isinstance(state, dict) or state.get("kind") not in PRIORS:
@@ -309,6 +442,8 @@ def check_prior(state, latent_dim):
         _check_gmm(state, latent_dim)
     elif state["kind"] == "two_stage":
         _check_two_stage(state, latent_dim)
+    elif state["kind"] == "flow":
+        _check_flow(state, latent_dim)
 
 
 def sample_latents(state, n, generator=None, device="cpu", latent_dim=None):
@@ -330,6 +465,8 @@ def sample_latents(state, n, generator=None, device="cpu", latent_dim=None):
         z = _sample_gmm(state, n, generator, draw_device)
     elif state["kind"] == "two_stage":
         z = _sample_two_stage(state, n, generator, draw_device)
+    elif state["kind"] == "flow":
+        z = _sample_flow(state, n, generator, draw_device)
     else:
         z = torch.randn((n, state["latent_dim"]), generator=generator, device=draw_device)
     return z.to(device=device, dtype=torch.float32)

@@ -104,10 +104,20 @@ class Progress:
         else:
             print(text, flush=True)
 
+    def rate_words(self):
+        """The pace, as units per second, or seconds per unit when that is under one a second
+        (an epoch of a prior fit: "0.01 epochs/s" says less than "85 s/epoch")."""
+        rate = self.rate()
+        if rate >= 10:
+            return f"{rate:.0f} {self.unit}s/s"
+        if rate >= 1 or rate <= 0:
+            return f"{rate:.2f} {self.unit}s/s"
+        return f"{1 / rate:.1f} s/{self.unit}"
+
     def print_line(self, now):
         self.last_line, self.lines = now, self.lines + 1
         left = self.seconds_left()
-        rate = f"{self.rate():.0f} {self.unit}s/s" if self.rate() >= 10 else f"{self.rate():.2f} {self.unit}s/s"
+        rate = self.rate_words()
         if self.total is None:
             words = [f"{self.done} {self.unit}s", rate, f"{duration(now - self.start)} so far"]
         else:

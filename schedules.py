@@ -29,7 +29,8 @@ def kl_weight(kld_weight, step, warmup_steps):
 
 
 def at_step(settings, step, steps_per_epoch):
-    """(learning rate, KL weight) of `step` under TrainSettings `settings`: the cosine spans the
-    settings' n_epochs (this invocation's), the warm-up its kl_warmup_epochs."""
-    return (learning_rate(settings.lr_schedule, settings.lr, step, settings.n_epochs * steps_per_epoch),
-            kl_weight(settings.kld_weight, step, settings.kl_warmup_epochs * steps_per_epoch))
+    """(learning rate, KL weight) of `step` under TrainSettings `settings`: the cosine spans this
+    invocation's n_epochs, the warm-up the record's kl_warmup_epochs."""
+    record = settings.record
+    return (learning_rate(record.lr_schedule, record.lr, step, settings.run.n_epochs * steps_per_epoch),
+            kl_weight(record.kld_weight, step, record.kl_warmup_epochs * steps_per_epoch))

@@ -19,16 +19,8 @@ import schedules
 from board import Board
 from progress import Progress, duration
 from settings import PRECISIONS, TrainSettings  # noqa: F401 (training.TrainSettings)
-from util import UserError, first_line, save_image_grid, to_float, write_csv
+from util import BadValue, UserError, first_line, save_image_grid, to_float, write_csv
 from vae import is_likelihood
-
-
-def training_record(settings, dataset):
-    """What the checkpoint keeps of the settings, to resume and evaluate by."""
-    return checkpoint.TrainingRecord(dataset, settings.seed, settings.batch_size, settings.lr,
-                                     settings.kld_weight, settings.binarize, settings.data_source,
-                                     settings.n_train, settings.n_test, settings.lr_schedule,
-                                     settings.kl_warmup_epochs)
 
 
 class StopRequested(Exception):
@@ -83,13 +75,13 @@ def resolve_precision(precision, device):
 
 
 def check_precision(precision, device):
-    """Raise UserError for an autocast dtype this device cannot train in."""
+    """Raise BadValue for an autocast dtype this device cannot train in."""
     if precision not in PRECISIONS:
-        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        raise BadValue("precision", f"must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if precision == "fp16" and device.type != "cuda":
-        raise UserError("--precision fp16 needs a CUDA device (on a CPU use bf16 or fp32)")
+        raise BadValue("precision", "fp16 needs a CUDA device (on a CPU use bf16 or fp32)")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError("--precision bf16: this CUDA device has no bf16 support (use fp16)")
+        raise BadValue("precision", "bf16: this CUDA device has no bf16 support (use fp16)")
 
 
 def autocast(device, precision):
@@ -155,25 +147,25 @@ class TrainStep:
 
     def __init__(self, model, settings, device):
         self.model, self.settings, self.device = model, settings, device
-        check_precision(settings.precision, device)
-        self.precision = resolve_precision(settings.precision, device)
-        self.scaler = prepare_model(model, self.precision, settings.channels_last, settings.compile)
+        check_precision(settings.run.precision, device)
+        self.precision = resolve_precision(settings.run.precision, device)
+        self.scaler = prepare_model(model, self.precision, settings.run.channels_last, settings.run.compile)
         # Before the optimizer: on CPUs it swaps BatchNorm for a synchronised one with new parameters.
         self.net = distributed.data_parallel(model, device)  # `model` itself in a single process
-        self.optimizer = make_optimizer(model, settings.lr)
-        self.noise_gen = torch.Generator(device).manual_seed(settings.seed + 1)
+        self.optimizer = make_optimizer(model, settings.record.lr)
+        self.noise_gen = torch.Generator(device).manual_seed(settings.record.seed + 1)
 
     def __call__(self, images, idx, batch, rows, lr, kl_weight):
         """One Adam step of learning rate `lr` on the objective recon + kl_weight KL, on this
         process's `rows` of the global batch images[idx] (uint8) of `batch` images; returns
         (recon sum, KL sum, objective x images) as float64 on the device, with no host sync."""
         x = to_float(images[idx[rows].to(images.device)], self.device)
-        if self.settings.binarize:
+        if self.settings.record.binarize:
             # From the noise stream, so a resumed run draws the same pixels; uniforms for the whole
             # global batch, of which this process takes its rows, so N processes equal one.
             u = torch.rand((batch, *x.shape[1:]), generator=self.noise_gen, device=self.noise_gen.device)
             x = (u[rows].to(x.device) < x).to(x.dtype)  # pixel = 1 with probability its intensity
-        if self.settings.channels_last:
+        if self.settings.run.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         # Each process draws the whole global batch's noise and takes its rows, so N processes
         # see exactly the noise one process would.
@@ -202,6 +194,30 @@ class TrainStep:
                 batch * math.prod(x.shape[1:])))
         return torch.stack([terms["recon"].sum(), terms["kl"].sum(),
                             terms["loss"] * x.shape[0]]).detach().double()
+
+
+ADAM_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+
+
+def check_adam_state(optimizer, built):
+    """Raise ValueError unless the loaded Adam is the one this code builds (`built`: each group's
+    options but params and lr, as make_optimizer made them) and every parameter's state holds a
+    finite step count and moments of its shape: the fused kernel trusts them, and a moment of
+    another shape corrupts memory (measured: glibc aborts the process)."""
+    for group, options in zip(optimizer.param_groups, built):
+        for key, value in options.items():
+            if type(group.get(key)) is not type(value) or group.get(key) != value:
+                raise ValueError(f"its {key} is {str(group.get(key))[:40]!r}, not {value!r}")
+        for i, param in enumerate(group["params"]):
+            state = optimizer.state.get(param, {})
+            if state and set(state) != set(ADAM_STATE_KEYS):
+                raise ValueError(f"the state of parameter {i} holds {', '.join(map(str, state))}, "
+                                 f"not {', '.join(ADAM_STATE_KEYS)}")
+            for key, value in state.items():
+                ok = isinstance(value, torch.Tensor) and bool(torch.isfinite(value).all()) and (
+                    value.numel() == 1 if key == "step" else value.shape == param.shape)
+                if not ok:
+                    raise ValueError(f"the {key} of parameter {i} does not fit it")
 
 
 def batches_per_epoch(n_images, batch_size):
@@ -273,8 +289,8 @@ def save_outputs(model, epoch, settings, test_images, fixed_z, history):
     _, grids["traversals"] = save_traversal(model, test_images[:TRAVERSAL_IMAGES], paths["traversals"],
                                             f"epoch {epoch}")
     write_csv(f"{settings.run_dir}/history.csv", history)
-    plot_loss_curves(history, f"{settings.run_dir}/loss_curves.png", kld_weight=settings.kld_weight)
-    if epoch == settings.n_epochs:
+    plot_loss_curves(history, f"{settings.run_dir}/loss_curves.png", kld_weight=settings.record.kld_weight)
+    if epoch == settings.run.n_epochs:
         animation = f"{settings.run_dir}/samples_over_training.gif"
         if save_animation(settings.run_dir, epoch, animation):
             paths["animation"] = animation
@@ -299,7 +315,7 @@ def save_outputs_or_warn(model, epoch, settings, test_images, fixed_z, history):
 @contextlib.contextmanager
 def board_for(settings, first_step):
     """A TensorBoard writer for the block on rank 0 with --tensorboard, else None."""
-    board = distributed.on_main(lambda: Board(settings.run_dir, first_step)) if settings.tensorboard else None
+    board = distributed.on_main(lambda: Board(settings.run_dir, first_step)) if settings.run.tensorboard else None
     try:
         yield board
     finally:
@@ -307,49 +323,63 @@ def board_for(settings, first_step):
             board.close()
 
 
-def train(model, train_images, test_images, settings, resume=None):
+def train(model, train_images, test_images, settings, resume=None, finish=None):
     """Train with Adam on uint8 image tensors; checkpoint, sample and log as settings say.
 
     `resume` is a loaded checkpoint.Checkpoint to continue from (same weights, optimizer, random
-    streams, history), so an interrupted run ends exactly where an uninterrupted one does."""
+    streams, history), so an interrupted run ends exactly where an uninterrupted one does.
+    `finish`, if given, is called on rank 0 after the last epoch as finish(model) -> {name: prior
+    state}, fitted to the final weights and saved with them in the one final save; it also
+    tells its time, finish.seconds(encode seconds per image), for the run's time left. If it
+    fails, the weights are saved without it and its error raised."""
     device = next(model.parameters()).device
     step_fn = TrainStep(model, settings, device)
     train_images, test_images = images_on_device(train_images, device), images_on_device(test_images, device)
-    shuffle_gen = torch.Generator().manual_seed(settings.seed)
+    shuffle_gen = torch.Generator().manual_seed(settings.record.seed)
     state = {"epoch": 0, "step": 0, "history": [], "partial": None}
     if resume is None:
         model.init_decoder_scale(train_images)
     else:
         progress = resume.progress
-        step_fn.optimizer.load_state_dict(progress["optimizer"])
+        # checkpoint.check_resumable checked each entry's form; what only the objects themselves
+        # can check (Adam's state against these parameters, a generator's state) is checked here.
+        try:
+            built = [{k: v for k, v in g.items() if k not in ("params", "lr")}
+                     for g in step_fn.optimizer.param_groups]
+            step_fn.optimizer.load_state_dict(progress["optimizer"])
+            check_adam_state(step_fn.optimizer, built)
+            shuffle_gen.set_state(progress["rng"]["shuffle_at_epoch_start"])
+            step_fn.noise_gen.set_state(progress["rng"]["noise"])
+            if step_fn.scaler is not None and progress.get("scaler"):  # fp16's loss scale goes on
+                step_fn.scaler.load_state_dict(progress["scaler"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            raise UserError(f"{resume.path} holds a training state that does not fit its model "
+                            f"(optimizer, rng or scaler: {first_line(e)}); it still samples and "
+                            "evaluates, or train anew") from None
         state.update(epoch=progress["epoch"], step=progress["step"], history=list(progress["history"]),
                      partial=progress["partial"])
-        shuffle_gen.set_state(progress["rng"]["shuffle_at_epoch_start"])
-        step_fn.noise_gen.set_state(progress["rng"]["noise"])
-        if step_fn.scaler is not None and "scaler" in progress:  # fp16's loss scale goes on as it was
-            step_fn.scaler.load_state_dict(progress["scaler"])
     # A fixed prior draw, so the sample grids of successive epochs are comparable.
-    fixed_z = torch.randn((settings.num_samples, model.config.latent_dim),
-                          generator=torch.Generator().manual_seed(settings.seed + 2)).to(device)
-    n_batches = batches_per_epoch(train_images.shape[0], settings.batch_size)
-    batch = min(settings.batch_size, train_images.shape[0])
+    fixed_z = torch.randn((settings.run.num_samples, model.config.latent_dim),
+                          generator=torch.Generator().manual_seed(settings.record.seed + 2)).to(device)
+    n_batches = batches_per_epoch(train_images.shape[0], settings.record.batch_size)
+    batch = min(settings.record.batch_size, train_images.shape[0])
     rows = distributed.batch_rows(batch)  # this process's share of every global batch
-    record = training_record(settings, model.config.dataset)
     model.train()
 
-    def save():
+    def save(priors=None):
         check_finite_weights(model, settings.checkpoint_path)
         progress = {**state, "optimizer": step_fn.optimizer.state_dict(),
                     "rng": {"shuffle_at_epoch_start": state["shuffle_at_epoch_start"],
                             "noise": step_fn.noise_gen.get_state()},
                     "scaler": step_fn.scaler.state_dict() if step_fn.scaler is not None else None}
-        distributed.on_main(lambda: checkpoint.save(settings.checkpoint_path, model, record, progress,
-                                                    settings.flags))
+        distributed.on_main(lambda: checkpoint.save(settings.checkpoint_path, model, settings.record, progress,
+                                                    settings.flags, priors))
 
     first_global_step = state["epoch"] * n_batches + state["step"]
     epoch_overhead = None  # seconds of the last epoch's test pass and saves, for the run's time left
+    finish_seconds = None  # the finish's time, estimated after the first test pass
     with _SignalFlag() as stop, board_for(settings, first_global_step) as board:
-        for epoch in range(state["epoch"] + 1, settings.n_epochs + 1):
+        for epoch in range(state["epoch"] + 1, settings.run.n_epochs + 1):
             state["shuffle_at_epoch_start"] = shuffle_gen.get_state()
             order = torch.randperm(train_images.shape[0], generator=shuffle_gen)
             first_step, partial = state["step"], state["partial"]
@@ -358,14 +388,14 @@ def train(model, train_images, test_images, settings, resume=None):
                     else torch.zeros(3, device=device, dtype=torch.float64))
             seconds_before = partial["seconds"] if partial is not None else 0.0
             start = time.perf_counter()
-            epochs_after = settings.n_epochs - epoch
+            epochs_after = settings.run.n_epochs - epoch
 
             def run_left(epoch_left, epochs_after=epochs_after):
                 per_epoch = n_batches * batch / max(bar.rate(), 1e-9) + (epoch_overhead or 0.0)
-                return f"run {duration(epoch_left + epochs_after * per_epoch)} left"
+                return f"run {duration(epoch_left + epochs_after * per_epoch + (finish_seconds or 0.0))} left"
 
-            bar = Progress(f"epoch {epoch}/{settings.n_epochs}", n_batches * batch, "image",
-                           done=first_step * batch, interval=settings.progress_seconds,
+            bar = Progress(f"epoch {epoch}/{settings.run.n_epochs}", n_batches * batch, "image",
+                           done=first_step * batch, interval=settings.run.progress_seconds,
                            more=run_left, enabled=settings.progress)
             for step in range(first_step, n_batches):
                 global_step = (epoch - 1) * n_batches + step  # optimizer steps before this one
@@ -404,22 +434,34 @@ def train(model, train_images, test_images, settings, resume=None):
             # The test objective weighs KL as warm-up has reached by the epoch's end; its -ELBO,
             # like the train one, is recon + KL whatever the weight.
             _, kl_weight = schedules.at_step(settings, epoch * n_batches, n_batches)
+            test_start = time.perf_counter()
             test_terms = metrics.mean_elbo_terms(model, test_images, kl_weight,
-                                                 settings.batch_size, settings.seed)
+                                                 settings.record.batch_size, settings.record.seed)
+            if finish is not None and finish_seconds is None:
+                per_image = (time.perf_counter() - test_start) / test_images.shape[0]
+                finish_seconds = distributed.on_main(lambda: finish.seconds(per_image)) or 0.0
             row = epoch_row(model.config, epoch, train_terms, test_terms, seconds, n_seen / seconds)
             state["history"].append(row)
             state.update(epoch=epoch, step=0, partial=None)
-            print(f"epoch {epoch}/{settings.n_epochs}  "
+            print(f"epoch {epoch}/{settings.run.n_epochs}  "
                   f"train {describe(model.config, train_terms, kl_weight)}"
                   f"  test {describe(model.config, test_terms, kl_weight)}"
                   f"  {seconds:.1f} s, {n_seen / seconds:.0f} images/s", flush=True)
             if board is not None:
                 board.epoch(epoch * n_batches, row, step_fn.optimizer.param_groups[0]["lr"])
-            last = epoch == settings.n_epochs
+            last = epoch == settings.run.n_epochs
             stop_name = distributed.agreed_signal(stop.name)
-            if epoch % settings.sample_and_save_frequency == 0 or last or stop_name is not None:
+            if epoch % settings.run.sample_and_save_frequency == 0 or last or stop_name is not None:
                 state["shuffle_at_epoch_start"] = shuffle_gen.get_state()
-                save()
+                if last and finish is not None:
+                    try:
+                        priors = distributed.on_main(lambda: finish(model))
+                    except Exception:
+                        save()  # the trained weights are never lost to a failed fit
+                        raise
+                    save(priors)
+                else:
+                    save()
                 paths, grids = distributed.on_main(
                     lambda: save_outputs_or_warn(model, epoch, settings, test_images, fixed_z,
                                                  state["history"])) or (None, {})

@@ -28,6 +28,16 @@ class UserError(Exception):
         self.this_rank_only = this_rank_only
 
 
+class BadValue(UserError):
+    """A value that cannot work, named by its field (latent_dim, precision): lower layers raise
+    it in words about values, "latent_dim must be at least 1, not 0"; the command line, whose
+    flags bear the fields' names (settings.py), prints it as "--latent_dim must be ..."."""
+
+    def __init__(self, field, message):
+        super().__init__(f"{field} {message}")
+        self.field = field
+
+
 def first_line(error):
     """The gist of an exception's message: libraries' messages can span many lines (medmnist
     prints a whole how-to, torch a stack of advice)."""

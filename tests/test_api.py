@@ -12,7 +12,9 @@ import torch
 
 import api
 import VanVAE
-from tiny import train_tiny
+from helpers import (
+    train_tiny,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import checkpoint
 import vae
 import VanVAE
 from fakedata import write_dataset
+from settings import TrainingRecord
 from util import load_torch_file
 
 # Written by VanVAE format 1 (commit 598e0f1) as:
@@ -32,7 +33,7 @@ def v1_copy(tmp_path):
 def test_a_format_1_file_reads_back_its_training_record():
     assert load_torch_file(V1_FILE)["format_version"] == 1
     ckpt = checkpoint.load(V1_FILE, "mnist", (1, 28, 28))
-    assert ckpt.training == checkpoint.TrainingRecord("mnist", seed=3, batch_size=8, lr=0.001,
+    assert ckpt.training == TrainingRecord("mnist", seed=3, batch_size=8, lr=0.001,
                                                       kld_weight=0.5, binarize=True)
     assert ckpt.model.config.latent_dim == 4 and ckpt.progress["epoch"] == 1
     checkpoint.check_resumable(ckpt)

@@ -2,8 +2,6 @@
 
 import csv
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +15,11 @@ import metrics
 import training
 import vae
 from fakedata import write_dataset
+from helpers import TINY_MODEL, run_cli
+from settings import RunChoices, TrainingRecord, TrainSettings
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--hidden_dims", "8", "16", "--latent_dim", "4", "--batch_size", "8", "--seed", "3"]
-
-
-def run_cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, str(REPO / "VanVAE.py"), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+TINY = [*TINY_MODEL, "--seed", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +166,8 @@ def test_one_epoch_on_real_fashion_mnist_learns(tmp_path, recon_loss, least_drop
     train_images, test_images = train_images[:4000], test_images[:1000]
     model = vae.VanillaVAE(vae.VAEConfig("fashionmnist", (1, 28, 28), recon_loss=recon_loss))
     before = metrics.mean_elbo_terms(model, test_images, batch_size=500)
-    settings = training.TrainSettings(n_epochs=1, lr=1e-3, batch_size=64, checkpoint_path=str(tmp_path / "c.pt"),
-                                 run_dir=str(tmp_path / "run"), progress=False)
+    settings = TrainSettings(TrainingRecord("fashionmnist", seed=0, lr=1e-3, batch_size=64), RunChoices(n_epochs=1),
+                             checkpoint_path=str(tmp_path / "c.pt"), run_dir=str(tmp_path / "run"), progress=False)
     training.train(model, train_images, test_images, settings)
     after = metrics.mean_elbo_terms(model, test_images, batch_size=500)
     neg_elbo_before, neg_elbo_after = before["recon"] + before["kl"], after["recon"] + after["kl"]

@@ -20,12 +20,13 @@ import checkpoint as checkpoint_module
 import twoprocess
 import VanVAE
 from fakedata import write_dataset
+from helpers import TINY_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 LR = 2e-4
 # Gaussian decoder: both kinds of noise (dequantisation and reparameterisation) are exercised.
 # fp32: bf16 rounds differently when the batch is split, so only fp32 can match to 1e-5.
-TINY = ["--hidden_dims", "8", "16", "--latent_dim", "4", "--batch_size", "8", "--seed", "5",
+TINY = [*TINY_MODEL, "--seed", "5",
         "--recon_loss", "gaussian", "--num_samples", "4", "--lr", str(LR), "--precision", "fp32"]
 N_TRAIN = 32  # four steps of a global batch of 8 per epoch
 LAUNCH_TIMEOUT_S = 300

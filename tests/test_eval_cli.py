@@ -12,6 +12,7 @@ import checkpoint as checkpoint_module
 import data
 import VanVAE
 from fakedata import write_dataset
+from helpers import assert_one_line_error, run_main, snapshot
 from util import load_torch_file
 
 TINY = ["--hidden_dims", "8", "16", "--batch_size", "8", "--seed", "3"]
@@ -122,6 +123,17 @@ def test_outlier_detection_reports_auroc_and_histograms(workspace, capsys):
     for name, figures in report["scores"].items():
         assert 0 <= figures["auroc"] <= 1 and 0 <= figures["fpr_at_95_tpr"] <= 1
         assert is_png(report["files"][name]) and name in out
+
+
+def test_the_models_own_dataset_as_the_outliers_is_refused(workspace, capsys):
+    checkpoint = train(workspace, "own_ood", "--latent_dim", "2")
+    capsys.readouterr()
+    before = snapshot(workspace)
+    code, _, err = run_main(capsys, "--outlier_detection", "--checkpoint", checkpoint, "--out_dataset", "mnist",
+                            "--data_dir", workspace / "data", "--output_dir", workspace / "own_ood")
+    assert_one_line_error(code, err, "--out_dataset mnist is the dataset the model was trained on",
+                          "not outliers")
+    assert snapshot(workspace) == before
 
 
 def test_other_datasets_are_brought_to_the_models_shape():

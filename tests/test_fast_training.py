@@ -6,9 +6,11 @@ import torch
 import torch.nn as nn
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
+import kernels
 import training
 import vae
 import VanVAE
+from settings import RunChoices, TrainSettings
 
 
 def loss_and_grads(model, x):
@@ -21,9 +23,9 @@ def loss_and_grads(model, x):
 def as_stock_layers(model):
     """The same weights, run by torch's own layers."""
     for module in model.modules():
-        if isinstance(module, vae.Conv2d):
+        if isinstance(module, kernels.Conv2d):
             module.__class__ = nn.Conv2d
-        elif isinstance(module, vae.ConvTranspose2d):
+        elif isinstance(module, kernels.ConvTranspose2d):
             module.__class__ = nn.ConvTranspose2d
 
 
@@ -50,7 +52,7 @@ def test_one_output_channel_as_a_gemm_is_the_convolution(kernel, height, width, 
     x = torch.randn(3, 6, height, width).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         expected = conv(x)
-        got = vae.one_channel_as_gemm(x, conv.weight, conv.bias)
+        got = kernels.one_channel_as_gemm(x, conv.weight, conv.bias)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -59,8 +61,8 @@ def test_the_decoder_takes_the_gemm_for_its_grey_output_and_decodes_as_the_stock
     torch.manual_seed(0)
     model = vae.VanillaVAE(vae.VAEConfig("t", (1, 28, 28))).eval().to(memory_format=torch.channels_last)
     calls = []
-    gemm = vae.one_channel_as_gemm
-    monkeypatch.setattr(vae, "one_channel_as_gemm", lambda *a: calls.append(1) or gemm(*a))
+    gemm = kernels.one_channel_as_gemm
+    monkeypatch.setattr(kernels, "one_channel_as_gemm", lambda *a: calls.append(1) or gemm(*a))
     z = torch.randn(5, model.config.latent_dim)
     with torch.no_grad():
         fast = model.decode(z)
@@ -69,7 +71,7 @@ def test_the_decoder_takes_the_gemm_for_its_grey_output_and_decodes_as_the_stock
         stock = model.decode(z)
     torch.testing.assert_close(fast, stock, rtol=1e-5, atol=1e-5)
     calls.clear()
-    model.final_layer[1].__class__ = vae.Conv2d
+    model.final_layer[1].__class__ = kernels.Conv2d
     out = model.decode(z)
     assert not calls  # with gradients: the stock forward, and a backward of two GEMMs
     assert type(out.grad_fn).__name__ == "OneChannelConvBackward"
@@ -119,7 +121,7 @@ def test_compile_trains_the_same_steps_as_eager_and_caches_where_it_says(tmp_pat
         torch.manual_seed(0)
         model = vae.VanillaVAE(vae.VAEConfig("t", (1, 12, 12), latent_dim=4, hidden_dims=(4, 8)))
         keys = list(model.state_dict())
-        step = training.TrainStep(model, training.TrainSettings(precision="fp32", compile=compile_),
+        step = training.TrainStep(model, TrainSettings(run=RunChoices(precision="fp32", compile=compile_)),
                                   torch.device("cpu"))
         losses = [step(images, torch.arange(8 * i, 8 * i + 8), 8, slice(None), 1e-2, 1.0)[2].item()
                   for i in range(2)]
@@ -139,7 +141,7 @@ def test_bernoulli_nll_is_torchs_binary_cross_entropy_with_broadcast_and_extreme
     logits = (torch.randn(5, 3, 4, 6, dtype=torch.double) * 30).requires_grad_()
     logits.data[0, 0, 0, :3] = torch.tensor([-200.0, 200.0, 0.0], dtype=torch.double)
     x = torch.rand(3, 4, 6, dtype=torch.double).requires_grad_()
-    ours = vae.BernoulliNLL.apply(logits, x)
+    ours = kernels.BernoulliNLL.apply(logits, x)
     stock = nn.functional.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none")
     torch.testing.assert_close(ours, stock, rtol=1e-12, atol=1e-12)
     for got, want in zip(torch.autograd.grad(ours.sum(), (logits, x)), torch.autograd.grad(stock.sum(), (logits, x))):

@@ -16,11 +16,11 @@ import checkpoint
 import util
 import VanVAE
 from fakedata import write_dataset
-from test_reliability import (
+from helpers import (
     CHECKPOINT,
     ENV,
     ROOT,
-    SMALL_MODEL,
+    TINY_MODEL,
     WAIT_S,
     assert_one_line_error,
     run_cli,
@@ -32,7 +32,7 @@ from test_reliability import (
 
 
 def train_flags(data_dir, out, *more):
-    return ["--train", "--data_dir", data_dir, "--output_dir", out, *SMALL_MODEL, "--seed", 0, *more]
+    return ["--train", "--data_dir", data_dir, "--output_dir", out, *TINY_MODEL, "--seed", 0, *more]
 
 
 # ---------------------------------------------------------------- a real full disk
@@ -172,9 +172,12 @@ def test_resume_on_other_data_is_refused(capsys, one_epoch, tmp_path_factory):
 
 def test_the_printed_resume_command_repeats_how_the_run_computes():
     args = VanVAE.build_parser().parse_args(["--train", "--threads", "1", "--precision", "fp32",
-                                             "--no-channels_last", "--checkpoint", "c.pt"])
+                                             "--no-channels_last", "--checkpoint", "c.pt",
+                                             "--prior_components", "7", "--prior_codes", "0"])
     words = VanVAE.resume_command(args, "c.pt").split()
-    for flag in ("--threads 1", "--precision fp32", "--no-channels_last"):
+    # how it computes, and the prior it fits after its last epoch
+    for flag in ("--threads 1", "--precision fp32", "--no-channels_last", "--prior_components 7",
+                 "--prior_codes 0"):
         assert flag in " ".join(words)
     assert "--compile" not in words and "--no-compile" not in words  # left at its default
 
@@ -187,7 +190,7 @@ def test_the_printed_resume_command_repeats_how_the_run_computes():
 ])
 def test_what_cannot_train_is_refused_before_any_work(capsys, tmp_path, small_data, flags, words):
     code, _, err = run_main(capsys, "--train", "--data_dir", small_data, "--output_dir", tmp_path,
-                            *SMALL_MODEL[:5], *flags)
+                            *TINY_MODEL[:5], *flags)
     assert_one_line_error(code, err, words)
     assert snapshot(tmp_path) == {}
 

@@ -6,7 +6,12 @@ import argparse
 import pytest
 
 import VanVAE
-from test_reliability import assert_one_line_error, run_main, snapshot
+from helpers import (
+    TINY_MODEL,
+    assert_one_line_error,
+    run_main,
+    snapshot,
+)
 
 MODES = {"--train": [], "--sample": [], "--eval": [], "--outlier_detection": ["--out_dataset", "mnist"],
          "--fit_prior": ["gmm"]}
@@ -95,7 +100,7 @@ def empty_splits(tmp_path_factory):
     write_dataset("mnist", root / "no_train", n_train=0, n_test=8)
     write_dataset("mnist", root / "normal", n_train=32, n_test=8)
     assert VanVAE.main(["--train", "--data_dir", str(root / "normal"), "--output_dir", str(root / "out"),
-                        "--n_epochs", "1", "--hidden_dims", "8", "16", "--latent_dim", "4", "--batch_size", "8",
+                        "--n_epochs", "1", *TINY_MODEL,
                         "--seed", "1"]) == 0
     return root
 

@@ -8,6 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+import image_arrays
+import image_decode
+import image_results
 import images
 import settings
 from util import UserError
@@ -137,7 +140,7 @@ def test_grey_images_of_every_kind_give_one_channel(tmp_path):
 
 def test_jpeg_exif_orientation_is_applied(tmp_path):
     exif = Image.Exif()
-    exif[images.EXIF_ORIENTATION] = 6  # stored on its side: a viewer turns it upright
+    exif[image_decode.EXIF_ORIENTATION] = 6  # stored on its side: a viewer turns it upright
     save(tmp_path / "f" / "photo.jpg", np.zeros((6, 12), np.uint8), exif=exif)
 
     result = images.load_source(tmp_path / "f", test_fraction=0)
@@ -196,7 +199,7 @@ def test_parallel_decoding_gives_the_serial_result(tmp_path, monkeypatch):
     numbered_pngs(tmp_path / "f", range(60))
     truncated_png(tmp_path / "f" / "cut.png")
     serial = images.load_source(tmp_path / "f", workers=1)
-    monkeypatch.setattr(images, "SERIAL_BELOW_FILES", 0)
+    monkeypatch.setattr(image_decode, "SERIAL_BELOW_FILES", 0)
 
     parallel = images.load_source(tmp_path / "f", workers=2)
 
@@ -256,8 +259,8 @@ def test_cache_that_cannot_be_written_only_warns(tmp_path, capsys):
 def test_memory_refusal_comes_before_decoding(tmp_path, monkeypatch):
     numbered_pngs(tmp_path / "f", range(4))
     np.save(tmp_path / "a.npy", np.zeros((4, 8, 8), np.uint8))
-    monkeypatch.setattr(images, "_available_memory_bytes", lambda: 100)
-    monkeypatch.setattr(images, "_decode_chunk", None)  # decoding anything would fail loudly
+    monkeypatch.setattr(image_results, "_available_memory_bytes", lambda: 100)
+    monkeypatch.setattr(image_decode, "_decode_chunk", None)  # decoding anything would fail loudly
 
     for source in ("f", "a.npy"):
         with pytest.raises(UserError, match="GB of memory, but only 0.00 GB is available"):
@@ -284,7 +287,7 @@ def test_npy_in_each_layout(tmp_path, layout):
     assert sorted(map(bytes, together.numpy())) == sorted(map(bytes, nchw))
 
 
-@pytest.mark.parametrize("train, test", images.SPLIT_PAIRS)
+@pytest.mark.parametrize("train, test", image_arrays.SPLIT_PAIRS)
 def test_npz_with_named_splits(tmp_path, train, test):
     np.savez(tmp_path / "d.npz", **{train: np.zeros((6, 4, 4, 3), np.uint8),
                                     test: np.ones((2, 4, 4, 3), np.uint8)})
@@ -363,7 +366,7 @@ def test_a_small_folder_always_holds_out_at_least_one_test_image(tmp_path):
     refused for an empty test split) holds out its image of least hash; once an image's hash
     does fall below the fraction, the split is the plain hash split again."""
     def by_hash(numbers):
-        return {i for i in numbers if images._held_out([f"img{i:04d}.png"], 0.05)[0]}
+        return {i for i in numbers if image_results.held_out_by_hash([f"img{i:04d}.png"], 0.05)[0]}
     start = next(s for s in range(0, 5000, 20) if not by_hash(range(s, s + 20)))
     numbered_pngs(tmp_path / "f", range(start, start + 20))
     result = images.load_source(tmp_path / "f")

@@ -7,6 +7,7 @@ import torch
 
 import metrics
 import vae
+from settings import RunChoices, TrainSettings
 from util import UserError
 
 
@@ -126,7 +127,7 @@ def test_gaussian_decoder_scale_is_calibrated_to_each_batchs_error_not_learned()
                                          recon_loss="gaussian"))
     images = torch.randint(0, 256, (16, 1, 12, 12), dtype=torch.uint8)
     model.init_decoder_scale(images)
-    step = training.TrainStep(model, training.TrainSettings(precision="fp32", channels_last=False),
+    step = training.TrainStep(model, TrainSettings(run=RunChoices(precision="fp32", channels_last=False)),
                               torch.device("cpu"))
     for i in range(3):
         before, noise_state = copy.deepcopy(model), step.noise_gen.get_state()

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import VanVAE
+from helpers import TINY_MODEL, assert_one_line_error, run_main
 from util import load_torch_file
 
-TINY = ["--hidden_dims", "8", "16", "--latent_dim", "4", "--batch_size", "8", "--seed", "1",
+TINY = [*TINY_MODEL, "--seed", "1",
         "--n_epochs", "1", "--threads", "1"]
 
 
@@ -25,28 +25,13 @@ def write_pngs(folder, n, size=(28, 28), seed=0, mode="L"):
         Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(sub / f"img{i:03d}.png")
 
 
-def cli(capsys, *args):
-    try:
-        code = VanVAE.main([str(a) for a in args])
-    except SystemExit as e:  # argparse's own refusals
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *words):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for word in words:
-        assert word in lines[0], err
 
 
 def test_a_folder_trains_samples_and_evaluates_on_its_held_out_split(tmp_path, capsys):
     folder = tmp_path / "tiles"
     write_pngs(folder, 60)
     (folder / "README.txt").write_text("not an image")
-    code, out, err = cli(capsys, "--train", "--dataset", folder, "--data_dir", tmp_path / "cache",
+    code, out, err = run_main(capsys, "--train", "--dataset", folder, "--data_dir", tmp_path / "cache",
                          "--output_dir", tmp_path, "--test_fraction", "0.2", *TINY)
     assert code == 0, err
     path = tmp_path / "models" / "VanillaVAE" / "VanillaVAE_tiles.pt"
@@ -56,13 +41,13 @@ def test_a_folder_trains_samples_and_evaluates_on_its_held_out_split(tmp_path, c
     assert source["n_train"] + source["n_test"] == 60 and 0 < source["n_test"] < 30
     assert f"tiles: {source['n_train']} train / {source['n_test']} test images" in out
 
-    code, out, err = cli(capsys, "--sample", "--checkpoint", path, "--output_dir", tmp_path,
+    code, out, err = run_main(capsys, "--sample", "--checkpoint", path, "--output_dir", tmp_path,
                          "--num_samples", 4, "--seed", 0)
     assert code == 0, err
     samples = load_torch_file(tmp_path / "runs" / "VanillaVAE_tiles" / "gmm_prior_samples_n4_seed0.pt", "samples")
     assert samples.shape == (4, 1, 28, 28)
 
-    code, out, err = cli(capsys, "--eval", "--checkpoint", path, "--output_dir", tmp_path,
+    code, out, err = run_main(capsys, "--eval", "--checkpoint", path, "--output_dir", tmp_path,
                          "--data_dir", tmp_path / "cache", "--iw_samples", 2, "--fid_samples", 0)
     assert code == 0, err
     report = json.loads((tmp_path / "runs" / "VanillaVAE_tiles" / "eval.json").read_text())
@@ -70,7 +55,7 @@ def test_a_folder_trains_samples_and_evaluates_on_its_held_out_split(tmp_path, c
 
     other = tmp_path / "others"
     write_pngs(other, 12, size=(32, 32), seed=9, mode="RGB")
-    code, out, err = cli(capsys, "--outlier_detection", "--checkpoint", path, "--out_dataset", other,
+    code, out, err = run_main(capsys, "--outlier_detection", "--checkpoint", path, "--out_dataset", other,
                          "--output_dir", tmp_path, "--data_dir", tmp_path / "cache", "--iw_samples", 2)
     assert code == 0, err
     outliers = json.loads((tmp_path / "runs" / "VanillaVAE_tiles" / "outliers_others.json").read_text())
@@ -81,7 +66,7 @@ def test_an_npz_with_its_own_splits_trains(tmp_path, capsys):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "sprites.npz", x_train=rng.integers(0, 256, (24, 16, 16, 3), dtype=np.uint8),
              x_test=rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8))
-    code, out, err = cli(capsys, "--train", "--dataset", tmp_path / "sprites.npz", "--output_dir", tmp_path,
+    code, out, err = run_main(capsys, "--train", "--dataset", tmp_path / "sprites.npz", "--output_dir", tmp_path,
                          "--data_dir", tmp_path / "cache", *TINY)
     assert code == 0, err
     ckpt = load_torch_file(tmp_path / "models" / "VanillaVAE" / "VanillaVAE_sprites.pt")
@@ -94,11 +79,11 @@ def test_resuming_on_a_changed_folder_is_refused(tmp_path, capsys):
     write_pngs(folder, 30)
     common = ["--dataset", folder, "--output_dir", tmp_path, "--data_dir", tmp_path / "cache",
               "--test_fraction", "0.2"]
-    assert cli(capsys, "--train", *common, *TINY)[0] == 0
+    assert run_main(capsys, "--train", *common, *TINY)[0] == 0
     path = tmp_path / "models" / "VanillaVAE" / "VanillaVAE_cells.pt"
     before = path.read_bytes()
     write_pngs(folder / "new", 3, seed=4)
-    code, _, err = cli(capsys, "--train", "--resume", "--checkpoint", path, "--n_epochs", 2,
+    code, _, err = run_main(capsys, "--train", "--resume", "--checkpoint", path, "--n_epochs", 2,
                        "--output_dir", tmp_path, "--data_dir", tmp_path / "cache")
     assert_one_line_error(code, err, "changed since this run started")
     assert path.read_bytes() == before
@@ -108,11 +93,11 @@ def test_mixed_sizes_need_image_size(tmp_path, capsys):
     folder = tmp_path / "mixed"
     write_pngs(folder, 10, size=(20, 20))
     write_pngs(folder / "big", 10, size=(30, 24), seed=1)
-    code, _, err = cli(capsys, "--train", "--dataset", folder, "--output_dir", tmp_path,
+    code, _, err = run_main(capsys, "--train", "--dataset", folder, "--output_dir", tmp_path,
                        "--data_dir", tmp_path / "cache", *TINY)
     assert_one_line_error(code, err, "20x20", "30x24", "--image_size")
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").rglob("*.pt"))
-    code, out, err = cli(capsys, "--train", "--dataset", folder, "--output_dir", tmp_path,
+    code, out, err = run_main(capsys, "--train", "--dataset", folder, "--output_dir", tmp_path,
                          "--data_dir", tmp_path / "cache", "--image_size", 16, "--test_fraction", "0.3", *TINY)
     assert code == 0, err
     assert load_torch_file(tmp_path / "models" / "VanillaVAE" / "VanillaVAE_mixed.pt")["config"]["image_shape"] \
@@ -140,12 +125,12 @@ def test_what_cannot_train_is_one_line(tmp_path, capsys, case, words):
     elif case == "no test images":
         write_pngs(path, 6)
         flags = ["--test_fraction", "0"]
-    code, _, err = cli(capsys, "--train", "--dataset", f"{path}{os.sep}" if case == "missing" else path,
+    code, _, err = run_main(capsys, "--train", "--dataset", f"{path}{os.sep}" if case == "missing" else path,
                        "--output_dir", tmp_path / "out", "--data_dir", tmp_path / "cache", *flags)
     assert_one_line_error(code, err, words)
     assert not (tmp_path / "out" / "models").exists() or not any((tmp_path / "out").rglob("*.pt"))
 
 
 def test_an_unknown_dataset_name_is_refused_by_the_parser(capsys):
-    code, _, err = cli(capsys, "--train", "--dataset", "imagenet")
+    code, _, err = run_main(capsys, "--train", "--dataset", "imagenet")
     assert code == 2 and "neither a dataset" in err and len(err.strip().splitlines()) == 1

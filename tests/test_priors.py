@@ -41,6 +41,18 @@ def two_stage_state():
                                 width=64, epochs=30, batch_size=128, learning_rate=3e-3)
 
 
+def fit_small_flow(codes=None, **kwargs):
+    # A small flow and a short fit: enough for 3 separated modes in 4-D, a few seconds on one core.
+    return priors.fit_flow(mixture_codes() if codes is None else codes, **{
+        "seed": 0, "fitted_on": "mixture test codes", "transforms": 3, "hidden": (64, 64),
+        "epochs": 40, "batch_size": 128, "learning_rate": 3e-3, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def flow_state():
+    return fit_small_flow()
+
+
 def samples(state, n=2000, seed=0, **kwargs):
     return priors.sample_latents(state, n, generator=torch.Generator().manual_seed(seed), **kwargs)
 
@@ -76,7 +88,8 @@ def assert_same_state(a, b):
             assert value == b[key], key
 
 
-def test_refitting_with_the_same_seed_gives_the_same_prior(gmm_state, two_stage_state):
+def test_refitting_with_the_same_seed_gives_the_same_prior(gmm_state, two_stage_state, flow_state):
+    assert_same_state(flow_state, fit_small_flow())
     assert_same_state(gmm_state, priors.fit_gmm(mixture_codes(), 3, seed=0, fitted_on="mixture test codes"))
     refit = priors.fit_two_stage(correlated_codes(), seed=0, fitted_on="correlated test codes",
                                  width=64, epochs=30, batch_size=128, learning_rate=3e-3)
@@ -89,6 +102,24 @@ def test_two_stage_samples_match_the_codes_moments(two_stage_state):
     cov = np.cov(z.numpy(), rowvar=False)
     assert cov == pytest.approx(np.array([[1.0, 0.9], [0.9, 1.0]]), abs=0.2)
     assert two_stage_state["decoder_gamma"] < 0.5  # gamma fell from 1: the decoder explains the codes
+
+
+def test_flow_samples_put_the_modes_weights_where_the_codes_have_them(flow_state):
+    z = samples(flow_state, 5000).double().numpy()
+    nearest = np.linalg.norm(z[:, None, :] - TRUE_MEANS[None], axis=2).argmin(1)
+    assert np.bincount(nearest, minlength=3) / len(z) == pytest.approx(TRUE_WEIGHTS, abs=0.04)
+    # Better than any single Gaussian: the best one's mean log-likelihood of the same codes.
+    codes = mixture_codes().double()
+    gaussian = torch.distributions.MultivariateNormal(codes.mean(0), torch.cov(codes.T))
+    assert flow_state["mean_log_likelihood_nats"] > gaussian.log_prob(codes).mean().item() + 1.0
+    assert {k: flow_state[k] for k in ("kind", "n_codes", "latent_dim", "transforms", "hidden")} \
+        == {"kind": "flow", "n_codes": 3000, "latent_dim": 4, "transforms": 3, "hidden": [64, 64]}
+
+
+def test_flow_reports_progress_once_per_epoch():
+    calls = []
+    fit_small_flow(mixture_codes(300), epochs=3, progress=lambda *a: calls.append(a))
+    assert [done for done, _ in calls] == [1, 2, 3] and "nats mean log-likelihood" in calls[-1][1]
 
 
 def test_two_stage_reports_progress_once_per_epoch():
@@ -129,28 +160,31 @@ def test_fits_refuse_malformed_codes(codes):
         priors.fit_gmm(codes, n_components=1)
     with pytest.raises(ValueError, match="codes"):
         priors.fit_two_stage(codes, epochs=1)
+    with pytest.raises(ValueError, match="codes"):
+        priors.fit_flow(codes, epochs=1)
 
 
 @pytest.mark.parametrize("record", [{"seed": -1}, {"seed": 1.5}, {"seed": 2**32}, {"fitted_on": None}])
 def test_fits_refuse_a_bad_seed_or_description(record):
-    for fit in (priors.fit_gmm, priors.fit_two_stage):
+    for fit in (priors.fit_gmm, priors.fit_two_stage, priors.fit_flow):
         with pytest.raises(ValueError, match="seed|fitted_on"):
             fit(correlated_codes(50), **record)
 
 
 # ---------------------------------------------------------------- sampling
 
-@pytest.mark.parametrize("kind", ["gmm", "two_stage", "standard"])
-def test_samples_are_seeded(kind, gmm_state, two_stage_state):
-    state = {"gmm": gmm_state, "two_stage": two_stage_state, "standard": priors.standard_prior(3)}[kind]
+@pytest.mark.parametrize("kind", ["gmm", "two_stage", "flow", "standard"])
+def test_samples_are_seeded(kind, gmm_state, two_stage_state, flow_state):
+    state = {"gmm": gmm_state, "two_stage": two_stage_state, "flow": flow_state,
+             "standard": priors.standard_prior(3)}[kind]
     a, b, other = samples(state, 50, seed=1), samples(state, 50, seed=1), samples(state, 50, seed=2)
     assert a.shape == (50, state["latent_dim"]) and a.dtype == torch.float32
     assert torch.equal(a, b)
     assert not torch.equal(a, other)
 
 
-def test_state_survives_a_weights_only_round_trip(gmm_state, two_stage_state):
-    for state in (gmm_state, two_stage_state):
+def test_state_survives_a_weights_only_round_trip(gmm_state, two_stage_state, flow_state):
+    for state in (gmm_state, two_stage_state, flow_state):
         loaded = round_trip(state)
         assert_same_state(state, loaded)
         assert torch.equal(samples(state, 100), samples(loaded, 100))
@@ -188,8 +222,9 @@ def broken(state, **changes):
     return {k: v for k, v in state.items() if v is not None}
 
 
-def test_well_formed_states_pass(gmm_state, two_stage_state):
+def test_well_formed_states_pass(gmm_state, two_stage_state, flow_state):
     priors.check_prior(gmm_state, 4)
+    priors.check_prior(round_trip(flow_state), 4)
     priors.check_prior(two_stage_state, 2)
     priors.check_prior(priors.standard_prior(7), 7)
     priors.check_prior(round_trip(gmm_state), 4)
@@ -204,7 +239,7 @@ def malformed_gmm_cases(gmm):
     nan_means = gmm["means"].clone()
     nan_means[2, 3] = math.nan
     return {
-        "wrong kind": (broken(gmm, kind="flow"), "kind"),
+        "wrong kind": (broken(gmm, kind="maf"), "kind"),
         "not a dict": ([1, 2], "kind"),
         "missing key": (broken(gmm, covariances=None), "missing covariances"),
         "weights shape": (broken(gmm, weights=weights[:2]), "weights"),
@@ -228,8 +263,9 @@ def test_check_prior_rejects_malformed_gmm(gmm_state):
             pytest.fail(f"accepted: {case}")
 
 
-def test_check_prior_rejects_latent_dim_mismatch(gmm_state, two_stage_state):
-    for state, wrong_dim in ((gmm_state, 8), (two_stage_state, 3), (priors.standard_prior(2), 3)):
+def test_check_prior_rejects_latent_dim_mismatch(gmm_state, two_stage_state, flow_state):
+    for state, wrong_dim in ((gmm_state, 8), (two_stage_state, 3), (flow_state, 5),
+                             (priors.standard_prior(2), 3)):
         with pytest.raises(ValueError, match=f"not the model's {wrong_dim}"):
             priors.check_prior(state, wrong_dim)
 
@@ -246,3 +282,22 @@ def test_check_prior_rejects_malformed_two_stage(two_stage_state):
     for state, message in cases:
         with pytest.raises(ValueError, match=message):
             priors.check_prior(state, 2)
+
+
+def test_check_prior_rejects_malformed_flow(flow_state):
+    flow = flow_state["flow"]
+    weight = next(name for name, t in flow.items() if t.is_floating_point() and t.dim() == 2)
+    mask = next(name for name, t in flow.items() if t.dtype == torch.bool)
+    cases = [(broken(flow_state, flow={**flow, weight: flow[weight].clone().fill_(math.nan)}), "finite"),
+             (broken(flow_state, flow={**flow, weight: flow[weight][:1]}), "shape"),
+             (broken(flow_state, flow={**flow, mask: ~flow[mask]}), "buffer"),
+             (broken(flow_state, flow={k: v for k, v in flow.items() if k != weight}), "exactly"),
+             (broken(flow_state, transforms=2), "exactly"),
+             (broken(flow_state, hidden=[64, "64"]), "hidden"),
+             (broken(flow_state, hidden=[]), "hidden"),
+             (broken(flow_state, scale=-flow_state["scale"]), "scale must be positive"),
+             (broken(flow_state, shift=flow_state["shift"][:3]), "shift"),
+             (broken(flow_state, flow=None), "missing flow")]
+    for state, message in cases:
+        with pytest.raises(ValueError, match=message):
+            priors.check_prior(state, 4)

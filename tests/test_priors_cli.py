@@ -12,9 +12,14 @@ import torch
 import checkpoint
 import VanVAE
 from fakedata import write_dataset
+from helpers import (
+    TINY_MODEL,
+    assert_one_line_error,
+    run_main,
+    snapshot,
+    train_tiny,
+)
 from test_checkpoint import V1_FILE
-from test_reliability import assert_one_line_error, run_main, snapshot
-from tiny import train_tiny
 from util import load_torch_file
 
 
@@ -40,6 +45,28 @@ def test_training_stores_a_gmm_prior_that_loads_weights_only(trained):
     assert state["kind"] == "gmm" and state["n_components"] == default_components and state["n_codes"] == 48
     assert state["dataset"] == "mnist" and "48 mnist training images" in state["fitted_on"]
     assert set(checkpoint.load(trained[1]).priors) == {"gmm"}
+
+
+def test_train_writes_its_final_checkpoint_once_with_the_prior_in_it(tmp_path, monkeypatch):
+    writes = []
+    real_save = checkpoint.atomic_torch_save
+    monkeypatch.setattr(checkpoint, "atomic_torch_save", lambda obj, path: (writes.append(obj), real_save(obj, path)))
+    path = train_tiny(tmp_path, "--sample_and_save_frequency", 5)  # one epoch: one save, the last
+    assert len(writes) == 1 and set(writes[0]["priors"]) == {"gmm"}
+    assert set(checkpoint.load(path).priors) == {"gmm"}
+
+
+def test_a_prior_fit_that_fails_after_training_keeps_the_trained_weights(capsys, tmp_path, monkeypatch):
+    import priors
+    monkeypatch.setattr(priors, "GMM_MAX_ITERATIONS", 1)  # EM cannot converge in one iteration
+    write_dataset("mnist", tmp_path / "data", n_train=48, n_test=16)
+    code, _, err = run_main(capsys, "--train", "--data_dir", tmp_path / "data", "--output_dir", tmp_path,
+                            "--n_epochs", 1, "--prior_components", 3, *TINY_MODEL)
+    path = tmp_path / "models" / "VanillaVAE" / "VanillaVAE_mnist.pt"
+    assert_one_line_error(code, err, "EM did not converge", f"{path} holds the trained weights",
+                          f"--fit_prior gmm --checkpoint {path}")
+    ckpt = checkpoint.load(path)
+    assert ckpt.progress["epoch"] == 1 and ckpt.priors == {}
 
 
 @pytest.mark.parametrize("prior", ["gmm", "two_stage"])
@@ -83,8 +110,8 @@ def test_a_format_1_checkpoint_gets_a_gmm_and_samples_from_it(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("components, max_iterations, words", [
-    (49, None, "--prior_components 49 is more than the 48 training images"),
-    (3, 1, "EM did not converge in 1 iterations: nothing was saved"),
+    (49, None, ("--prior_components 49 is more than the 48 training images", "nothing was saved")),
+    (3, 1, ("EM did not converge in 1 iterations", "nothing was saved")),
 ])
 def test_a_gmm_fit_that_cannot_work_is_one_line_and_changes_nothing(capsys, trained, tmp_path, monkeypatch,
                                                                     components, max_iterations, words):
@@ -95,7 +122,7 @@ def test_a_gmm_fit_that_cannot_work_is_one_line_and_changes_nothing(capsys, trai
     before = snapshot(tmp_path)
     code, _, err = run_main(capsys, "--fit_prior", "gmm", "--checkpoint", path, "--data_dir", trained[0] / "data",
                             "--prior_components", components)
-    assert_one_line_error(code, err, words)
+    assert_one_line_error(code, err, *words)
     assert snapshot(tmp_path) == before
 
 

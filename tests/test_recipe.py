@@ -17,12 +17,12 @@ import schedules
 import training
 import util
 import VanVAE
-from test_reliability import (
+from helpers import (
     CHECKPOINT,
-    SMALL_MODEL,
+    TINY_MODEL,
     assert_one_line_error,
     assert_same_training_state,
-    one_thread,  # noqa: F401 (autouse: this module's tests run on one thread too)
+    one_thread,  # noqa: F401 -- autouse: this module's tests run on one thread too
     resume_command_from,
     run_cli,
     run_main,
@@ -62,7 +62,7 @@ def warmed_cosine_run(tmp_path_factory, small_data):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # and back: later test modules compare runs at the default count
     code, printed, steps = train_recording("--train", "--data_dir", small_data, "--output_dir", out,
-                                           *SMALL_MODEL, "--seed", 0, "--n_epochs", 2, *RECIPE)
+                                           *TINY_MODEL, "--seed", 0, "--n_epochs", 2, *RECIPE)
     torch.set_num_threads(threads)
     assert code == 0, printed
     return out, printed, steps
@@ -146,7 +146,7 @@ def test_resume_with_another_recipe_is_one_line(capsys, tmp_path, warmed_cosine_
 
 
 def test_sigint_mid_epoch_with_cosine_and_warm_up_resumes_bit_identical(tmp_path, long_data):
-    common = ["--train", "--data_dir", long_data, *SMALL_MODEL, "--seed", 5, "--n_epochs", 2, *RECIPE]
+    common = ["--train", "--data_dir", long_data, *TINY_MODEL, "--seed", 5, "--n_epochs", 2, *RECIPE]
     assert run_cli(*common, "--output_dir", tmp_path / "a").returncode == 0
 
     err = sigint_in_epoch_2(*common, "--output_dir", tmp_path / "b")

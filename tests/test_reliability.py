@@ -6,17 +6,11 @@ input runs through VanVAE.main in-process (fast), and a few representative cases
 processes to show the exit status and that no traceback reaches the user."""
 
 import errno
-import fcntl
 import os
 import pickle
-import pty
-import select
-import shlex
 import signal
-import struct
 import subprocess
 import sys
-import termios
 from pathlib import Path
 
 import numpy as np
@@ -32,134 +26,23 @@ import util
 import vae
 import VanVAE
 from fakedata import NoMd5CIFAR10, write_dataset
-
-ROOT = Path(__file__).resolve().parents[1]
-SMALL_MODEL = ["--hidden_dims", "8", "16", "--latent_dim", "4", "--batch_size", "8"]
-# One thread: quick on a shared machine, and the same arithmetic in every process compared.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-CHECKPOINT = Path("models", "VanillaVAE", "VanillaVAE_mnist.pt")
-WAIT_S = 300  # bound on any wait for a child process; never reached when things work
-
-
-# ---------------------------------------------------------------- helpers
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "VanVAE.py", *map(str, args)], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=WAIT_S)
-
-
-def start_cli(*args):
-    return subprocess.Popen([sys.executable, "VanVAE.py", *map(str, args)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def wait_for_lines(proc, prefix, count=1):
-    """Read the child's stdout until `count` lines starting with `prefix` have appeared.
-
-    Lines the loop prints itself mark points where the signal handlers are surely installed;
-    a bounded wait on them replaces any sleep."""
-    wait_for_text(proc, proc.stdout.fileno(), "\n" + prefix, count, start=b"\n")
-
-
-def wait_for_text(proc, fd, text, count=1, start=b""):
-    """Read fd until `text` has appeared `count` times; return everything read."""
-    buffer = start
-    while buffer.decode(errors="replace").count(text) < count:
-        ready, _, _ = select.select([fd], [], [], WAIT_S)
-        chunk = read_or_eof(fd) if ready else b""
-        if not chunk:
-            proc.kill()
-            raise AssertionError(f"child ended or stalled before printing {text!r}: {buffer!r}")
-        buffer += chunk
-    return buffer
-
-
-def read_or_eof(fd):
-    try:
-        return os.read(fd, 65536)
-    except OSError:  # a pty whose other end has closed reads as EIO
-        return b""
-
-
-def start_cli_on_a_terminal(*args):
-    """Start the CLI with stderr on a pseudo-terminal, so it draws its progress bar: the bar
-    appears as an epoch begins, after the signal handlers are in place."""
-    controller, terminal = pty.openpty()
-    # 24 x 80: tqdm draws nothing on a terminal zero columns wide, which is what openpty gives.
-    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-    proc = subprocess.Popen([sys.executable, "VanVAE.py", *map(str, args)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=terminal)
-    os.close(terminal)
-    return proc, controller
-
-
-def run_main(capsys, *args):
-    """VanVAE.main in this process: (exit status, stdout, stderr). An uncaught exception (what
-    a user would see as a traceback) fails the test by propagating."""
-    try:
-        code = VanVAE.main([str(a) for a in args])
-    except SystemExit as exit_:  # argparse rejects a flag value
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *words):
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("VanVAE.py: error:"), err
-    for word in words:
-        assert word in lines[0], err
-
-
-def snapshot(folder):
-    """Every file under folder with its bytes, so a test can say nothing was written."""
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
-
-
-def assert_same_training_state(a, b):
-    assert a["epoch"] == b["epoch"] and a["step"] == b["step"] == 0
-    assert a["model"].keys() == b["model"].keys()
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    assert_nested_equal(a["optimizer"], b["optimizer"])
-    assert torch.equal(a["rng"]["noise"], b["rng"]["noise"])
-    assert torch.equal(a["rng"]["shuffle_at_epoch_start"], b["rng"]["shuffle_at_epoch_start"])
-    timing = ("seconds", "train_images_per_second")
-    assert [{k: v for k, v in row.items() if k not in timing} for row in a["history"]] == \
-           [{k: v for k, v in row.items() if k not in timing} for row in b["history"]]
-
-
-def assert_nested_equal(a, b):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert_nested_equal(a[key], b[key])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_nested_equal(x, y)
-    else:
-        assert a == b
-
-
-def resume_command_from(err):
-    """The command the stop message tells the user to run, as argv for this interpreter."""
-    words = shlex.split(err.split("Resume with: ", 1)[1].splitlines()[0])
-    assert words[:2] == ["python", "VanVAE.py"]
-    return words[2:]
+from helpers import (
+    CHECKPOINT,
+    ENV,
+    ROOT,
+    TINY_MODEL,
+    WAIT_S,
+    assert_one_line_error,
+    assert_same_training_state,
+    one_thread,  # noqa: F401 -- autouse: each test here runs on one thread
+    resume_command_from,
+    run_cli,
+    run_main,
+    sigint_in_epoch_2,
+    snapshot,
+    start_cli,
+    wait_for_lines,
+)
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +52,7 @@ def good_checkpoint(tmp_path_factory, small_data):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # and back: later test modules compare runs at the default count
     assert VanVAE.main(["--train", "--data_dir", str(small_data), "--output_dir", str(out),
-                        *SMALL_MODEL, "--n_epochs", "1", "--seed", "0"]) == 0
+                        *TINY_MODEL, "--n_epochs", "1", "--seed", "0"]) == 0
     torch.set_num_threads(threads)
     return out / CHECKPOINT
 
@@ -186,7 +69,7 @@ def run_folder(tmp_path, good_checkpoint):
 # ---------------------------------------------------------------- resume
 
 def test_resume_at_an_epoch_boundary_ends_bit_identical(tmp_path, small_data):
-    common = ["--train", "--data_dir", small_data, *SMALL_MODEL, "--seed", "3"]
+    common = ["--train", "--data_dir", small_data, *TINY_MODEL, "--seed", "3"]
     assert run_cli(*common, "--output_dir", tmp_path / "a", "--n_epochs", 2).returncode == 0
     assert run_cli(*common, "--output_dir", tmp_path / "b", "--n_epochs", 1).returncode == 0
     resumed = run_cli(*common, "--output_dir", tmp_path / "b", "--n_epochs", 2, "--resume")
@@ -196,23 +79,10 @@ def test_resume_at_an_epoch_boundary_ends_bit_identical(tmp_path, small_data):
                                util.load_torch_file(tmp_path / "b" / CHECKPOINT))
 
 
-def sigint_in_epoch_2(*args):
-    """Start the CLI on a terminal, send SIGINT once epoch 2's bar (300 steps) is up, and
-    return what the terminal showed, carriage returns as newlines; it must stop with 130."""
-    proc, terminal = start_cli_on_a_terminal(*args)
-    shown = wait_for_text(proc, terminal, "epoch 2/2")
-    proc.send_signal(signal.SIGINT)
-    while chunk := read_or_eof(terminal):
-        shown += chunk
-    os.close(terminal)
-    proc.communicate(timeout=WAIT_S)
-    err = shown.decode(errors="replace").replace("\r", "\n")
-    assert proc.returncode == 130, err
-    return err
 
 
 def test_sigint_mid_epoch_then_the_printed_resume_command_ends_bit_identical(tmp_path, long_data):
-    common = ["--train", "--data_dir", long_data, *SMALL_MODEL, "--seed", "5", "--n_epochs", 2]
+    common = ["--train", "--data_dir", long_data, *TINY_MODEL, "--seed", "5", "--n_epochs", 2]
     assert run_cli(*common, "--output_dir", tmp_path / "a").returncode == 0
 
     err = sigint_in_epoch_2(*common, "--output_dir", tmp_path / "b")
@@ -228,7 +98,7 @@ def test_sigint_mid_epoch_then_the_printed_resume_command_ends_bit_identical(tmp
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_saves_and_prints_one_line_with_the_resume_command(tmp_path, long_data, signum):
-    proc = start_cli("--train", "--data_dir", long_data, "--output_dir", tmp_path, *SMALL_MODEL,
+    proc = start_cli("--train", "--data_dir", long_data, "--output_dir", tmp_path, *TINY_MODEL,
                      "--n_epochs", 3, "--seed", 1)
     wait_for_lines(proc, "epoch 1/3")
     proc.send_signal(signum)
@@ -261,7 +131,7 @@ def test_a_signal_during_the_last_epochs_evaluation_just_finishes(capsys, monkey
 
 
 def test_kill_9_leaves_a_checkpoint_that_loads_samples_and_resumes(tmp_path, small_data):
-    proc = start_cli("--train", "--data_dir", small_data, "--output_dir", tmp_path, *SMALL_MODEL,
+    proc = start_cli("--train", "--data_dir", small_data, "--output_dir", tmp_path, *TINY_MODEL,
                      "--n_epochs", 1000, "--seed", 2, "--sample_and_save_frequency", 1)
     wait_for_lines(proc, "saved ", count=2)
     proc.kill()  # SIGKILL: no handler runs, whatever the process was doing (maybe saving)
@@ -318,7 +188,7 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_the_good_checkpoint(tmp_p
     path.write_bytes(good_checkpoint.read_bytes())
     before = snapshot(tmp_path)
     result = run_cli("--train", "--overwrite", "--data_dir", small_data, "--output_dir", tmp_path,
-                     *SMALL_MODEL, "--lr", "1e30", "--n_epochs", 3, "--sample_and_save_frequency", 1)
+                     *TINY_MODEL, "--lr", "1e30", "--n_epochs", 3, "--sample_and_save_frequency", 1)
     assert_one_line_error(result.returncode, result.stderr, "NaN or infinite", str(path))
     assert snapshot(tmp_path) == before
 
@@ -501,7 +371,7 @@ def test_a_checkpoint_of_another_image_shape_is_refused(capsys, tmp_path, small_
 def test_an_existing_checkpoint_is_not_replaced_without_overwrite(capsys, run_folder, small_data):
     before = snapshot(run_folder)
     code, _, err = run_main(capsys, "--train", "--data_dir", small_data, "--output_dir", run_folder,
-                            *SMALL_MODEL, "--n_epochs", 1)
+                            *TINY_MODEL, "--n_epochs", 1)
     assert_one_line_error(code, err, "already exists", "--resume", "--overwrite")
     assert snapshot(run_folder) == before
 
@@ -548,7 +418,7 @@ def test_an_output_folder_that_cannot_be_created_is_one_line(capsys, tmp_path, s
                                                              good_checkpoint, mode):
     # A path below a plain file fails even for root, for whom permissions never do.
     (tmp_path / "afile").write_text("not a folder")
-    flags = ["--checkpoint", good_checkpoint] if mode == "--sample" else [*SMALL_MODEL]
+    flags = ["--checkpoint", good_checkpoint] if mode == "--sample" else [*TINY_MODEL]
     code, _, err = run_main(capsys, mode, *flags, "--data_dir", small_data,
                             "--output_dir", tmp_path / "afile" / "sub")
     assert_one_line_error(code, err, "cannot create output folder", str(tmp_path / "afile"))
@@ -562,7 +432,7 @@ def test_a_truncated_idx_file_is_named(capsys, tmp_path):
     idx = tmp_path / "data" / "MNIST" / "raw" / "train-images-idx3-ubyte"
     idx.write_bytes(idx.read_bytes()[:-100])
     code, _, err = run_main(capsys, "--train", "--data_dir", tmp_path / "data",
-                            "--output_dir", tmp_path / "out", *SMALL_MODEL)
+                            "--output_dir", tmp_path / "out", *TINY_MODEL)
     assert_one_line_error(code, err, f"could not read {idx}")
     assert not (tmp_path / "out" / CHECKPOINT).exists()
 
@@ -574,7 +444,7 @@ def test_an_npz_without_the_expected_arrays_is_named(capsys, tmp_path):
     np.savez(npz, **{k: v for k, v in arrays.items() if not k.startswith("train_")})
     code, _, err = run_main(capsys, "--train", "--dataset", "pneumoniamnist",
                             "--data_dir", tmp_path / "data", "--output_dir", tmp_path / "out",
-                            *SMALL_MODEL)
+                            *TINY_MODEL)
     assert_one_line_error(code, err, f"could not read {npz}")
 
 
@@ -585,7 +455,7 @@ def test_a_cifar_batch_that_does_not_unpickle_is_named(capsys, monkeypatch, tmp_
     batch.write_bytes(b"this is not a pickle")
     code, _, err = run_main(capsys, "--train", "--dataset", "cifar10",
                             "--data_dir", tmp_path / "data", "--output_dir", tmp_path / "out",
-                            *SMALL_MODEL)
+                            *TINY_MODEL)
     assert_one_line_error(code, err, f"could not read {batch}")
 
 
@@ -595,7 +465,7 @@ def test_a_cifar_batch_that_does_not_unpickle_is_named(capsys, monkeypatch, tmp_
                                   "truncated IDX file", "output under a file"])
 def test_bad_input_in_a_real_process_is_one_line_exit_2(tmp_path, small_data, good_checkpoint, case):
     marker = tmp_path / "MARKER"
-    args = ["--train", "--data_dir", small_data, "--output_dir", tmp_path / "out", *SMALL_MODEL]
+    args = ["--train", "--data_dir", small_data, "--output_dir", tmp_path / "out", *TINY_MODEL]
     if case == "code in a checkpoint":
         torch.save({"format_version": 1, "x": evil_object(marker)}, tmp_path / "evil.pt")
         args = ["--sample", "--checkpoint", tmp_path / "evil.pt", "--output_dir", tmp_path / "out"]

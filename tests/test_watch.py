@@ -17,14 +17,10 @@ import data
 import pictures
 import plots
 import util
+from helpers import TINY_MODEL, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--hidden_dims", "8", "16", "--latent_dim", "4", "--batch_size", "8", "--seed", "3"]
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, str(REPO / "VanVAE.py"), *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+TINY = [*TINY_MODEL, "--seed", "3"]
 
 
 def train(data_dir, out, *flags):

@@ -12,6 +12,7 @@ import torch.nn as nn
 import distributed
 import training
 import vae
+from settings import RunChoices, TrainingRecord, TrainSettings
 from util import UserError
 
 
@@ -53,8 +54,8 @@ def signal_on_one_rank_worker(rank, root):
                            generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     model = vae.VanillaVAE(vae.VAEConfig("mnist", (1, 28, 28), latent_dim=4, hidden_dims=(8, 16)))
-    settings = training.TrainSettings(n_epochs=1, batch_size=8, seed=0, checkpoint_path=f"{root}/ckpt.pt",
-                                 run_dir=f"{root}/runs", progress=False)
+    settings = TrainSettings(TrainingRecord("mnist", seed=0, batch_size=8), RunChoices(n_epochs=1),
+                             checkpoint_path=f"{root}/ckpt.pt", run_dir=f"{root}/runs", progress=False)
     draw_noise, steps = model.draw_noise, []
 
     def draw_noise_and_signal_rank_1_in_step_2(*args, **kwargs):

@@ -1,0 +1,91 @@
+"""Latent priors fitted to a trained model: its training images encoded to posterior means,
+each prior fitted to them (priors.py) with its progress shown, and the states returned for the
+caller to save. --fit_prior calls this on a checkpoint; --train's loop on its final weights,
+before its final save (GMMAfterTraining)."""
+
+import time
+
+import data
+import util
+from progress import Progress
+from util import UserError
+
+
+class GMMAfterTraining:
+    """What --train does after its last epoch, before its final save: the gmm prior (Ghosh et
+    al.'s ex-post density estimation) fitted to the new weights, where a small training set
+    lowers the number of components instead of failing a finished run. training.train calls it,
+    and asks it for its time left."""
+
+    def __init__(self, record, train_images, latent_dim, n_components, n_codes, path):
+        self.record, self.train_images, self.latent_dim, self.path = record, train_images, latent_dim, path
+        self.n_components, self.max_codes = n_components, n_codes
+        self.n_codes = min(n_codes or train_images.shape[0], train_images.shape[0])
+        self.fit_seconds = None  # measured on first use (a fraction of a second), rank 0 only
+
+    def seconds(self, encode_seconds_per_image):
+        """Its estimated time: encoding every training image at the test pass's rate
+        (an overestimate: the test pass also decodes), then EM."""
+        import priors
+        if self.fit_seconds is None:
+            self.fit_seconds = priors.gmm_fit_seconds(self.n_codes, self.latent_dim,
+                                                      min(self.n_components, self.n_codes))
+        return self.train_images.shape[0] * encode_seconds_per_image + self.fit_seconds
+
+    def __call__(self, model):
+        try:
+            return fitted_priors(model, self.record, ["gmm"], self.train_images, self.n_components,
+                                 self.max_codes, automatic=True)
+        except UserError as e:
+            raise UserError(f"{e}; {self.path} holds the trained weights without the prior: fit it "
+                            f"with python VanVAE.py --fit_prior gmm --checkpoint {self.path}") from None
+
+
+def fitted_priors(model, record, names, train_images, n_components, n_gmm_codes, automatic=False):
+    """{name: state} of the named priors fitted to the posterior means of the training images
+    (the gmm to `n_gmm_codes` of them drawn at random, 0 meaning all), each with the progress it
+    makes shown. record: the checkpoint's TrainingRecord (None: weights only). automatic: after
+    --train, where a small training set lowers the number of GMM components instead of failing
+    a finished run."""
+    import metrics
+    import priors
+    images = data.binarize_fixed(train_images) if record is not None and record.binarize else train_images
+    start = time.perf_counter()
+    codes = metrics.posterior_means(model, images)
+    encode_s = time.perf_counter() - start
+    n_codes, dataset = codes.shape[0], model.config.dataset
+    n_fit = {"gmm": min(n_gmm_codes or n_codes, n_codes), "two_stage": n_codes, "flow": n_codes}
+    seed = record.seed if record is not None else 0
+    fitted = {}
+    for name in names:
+        fitted_on = (f"posterior means of {'the ' if n_fit[name] == n_codes else ''}{n_fit[name]}"
+                     f"{'' if n_fit[name] == n_codes else f' (drawn at random) of the {n_codes}'} "
+                     f"{dataset} training images")
+        print(f"fitting the {name} prior to the {fitted_on} ...", flush=True)
+        start = time.perf_counter()
+        try:
+            if name == "gmm":
+                k = min(n_components, n_fit[name]) if automatic else n_components
+                with Progress("gmm prior, EM", None, "iteration") as bar:
+                    fitted[name] = priors.fit_gmm(codes, k, seed, fitted_on, n_fit[name], bar.update)
+                if not fitted[name]["em_converged"]:
+                    raise UserError(f"the gmm prior's EM did not converge in {priors.GMM_MAX_ITERATIONS} "
+                                    "iterations (try fewer --prior_components)")
+                how = f"{k} full-covariance component{'' if k == 1 else 's'}, EM"
+            elif name == "two_stage":
+                with Progress("two-stage prior", priors.TWO_STAGE_EPOCHS, "epoch") as bar:
+                    fitted[name] = priors.fit_two_stage(codes, seed, fitted_on, bar.update)
+                how = "a second VAE on the codes (Dai and Wipf 2019)"
+            else:
+                with Progress("flow prior", priors.FLOW_EPOCHS, "epoch") as bar:
+                    fitted[name] = priors.fit_flow(codes, seed, fitted_on, bar.update)
+                how = (f"a masked autoregressive flow of {priors.FLOW_TRANSFORMS} transforms, "
+                       f"{fitted[name]['mean_log_likelihood_nats']:.1f} nats per code")
+        except ValueError as e:
+            if name == "gmm" and n_components > n_fit[name]:
+                raise UserError(f"--prior_components {n_components} is more than the {n_fit[name]} "
+                                "training images the mixture is fitted to") from None
+            raise UserError(f"could not fit the {name} prior: {util.first_line(e)}") from None
+        print(f"fitted the {name} prior ({how}) to {fitted_on} in {time.perf_counter() - start:.1f} s "
+              f"(encoding them took {encode_s:.1f} s)", flush=True)
+    return {name: {**state, "dataset": dataset} for name, state in fitted.items()}
