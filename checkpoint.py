@@ -225,8 +225,6 @@ def _model(raw):
     return model
 
 
-# Format 2 began without these record keys; a file without them was trained with their defaults.
-RECORD_KEYS_ADDED_LATER = ("lr_schedule", "kl_warmup_epochs")
 # What data.load_splits records of the user's own images (TrainingRecord.data_source).
 DATA_SOURCE_TYPES = {"path": (str,), "kind": (str,), "fingerprint": (str,), "n_train": (int,),
                      "n_test": (int,), "image_shape": (list,), "image_size": (int, type(None)),
@@ -239,7 +237,8 @@ def _training_record(raw, dataset):
         if not isinstance(saved, dict):
             raise ValueError(f"training must be a dict, not {type(saved).__name__}")
         names = [f.name for f in fields(TrainingRecord)]
-        missing = [n for n in names if n not in saved and n not in RECORD_KEYS_ADDED_LATER]
+        missing = [f.name for f in fields(TrainingRecord)
+                   if f.name not in saved and not f.metadata.get("added_later")]
         unknown = [str(k) for k in saved if k not in names]
         if missing or unknown:
             raise ValueError(f"training {'lacks ' + ', '.join(missing) if missing else ''}"

@@ -96,12 +96,14 @@ seed_type = number_type(int, 0, f"a whole number from 0 to {MAX_SEED}", maximum=
 _SAME = object()
 
 
-def flag(default, help, *, flag_default=_SAME, aliases=(), **argparse_options):
+def flag(default, help, *, flag_default=_SAME, aliases=(), added_later=False, **argparse_options):
     """A dataclass field that is also the flag --<its name>: `help` is its --help text (argparse's
     %(default)s works), `argparse_options` go to add_argument (type, choices, action, nargs),
     `flag_default`, if given, is the flag's default where it differs from the field's (None
-    meaning "work it out", as --hidden_dims does), and `aliases` are other spellings."""
-    meta = {"help": help, "argparse": argparse_options, "aliases": tuple(aliases)}
+    meaning "work it out", as --hidden_dims does), and `aliases` are other spellings.
+    added_later: a recorded field that files written before it lack; they read back its default,
+    which must be what those runs did."""
+    meta = {"help": help, "argparse": argparse_options, "aliases": tuple(aliases), "added_later": added_later}
     if flag_default is not _SAME:
         meta["flag_default"] = flag_default
     return field(default=default, metadata=meta)
@@ -216,9 +218,8 @@ class TrainingRecord:
                 with, so --eval reads the same held-out split and --resume notices a change
     n_train     training images (None in format 1), so --resume refuses other data
     n_test      test images (None in format 1)
-    The flag fields' meaning is their help. lr_schedule and kl_warmup_epochs were added to
-    format 2 later, with defaults: a file without them was trained with a constant learning
-    rate and no warm-up."""
+    The flag fields' meaning is their help; one marked added_later may be missing from older
+    files (lr_schedule and kl_warmup_epochs: those runs had a constant rate and no warm-up)."""
     dataset: str
     seed: int = flag(0, "random seed for weights, shuffling and sampling (default: none, meaning a "
                      "fresh one, printed and saved so the run can be repeated)", flag_default=None,
@@ -241,11 +242,12 @@ class TrainingRecord:
                             "or cosine (from --lr down to 0 over the --n_epochs of this invocation, "
                             "set every step from the step number: a run resumed with a larger "
                             "--n_epochs takes the longer curve's value at the step it reached, so the "
-                            "rate rises) (default: %(default)s)", choices=LR_SCHEDULES)
+                            "rate rises) (default: %(default)s)", choices=LR_SCHEDULES, added_later=True)
     kl_warmup_epochs: int = flag(0, "raise the KL term's weight in the training objective linearly "
                                  "from 0 to --kld_weight over this many epochs, every step; the -ELBO "
                                  "printed and saved stays the true one, only the objective (loss) is "
-                                 "warmed (default: %(default)s, no warm-up)", type=nonnegative_int)
+                                 "warmed (default: %(default)s, no warm-up)", type=nonnegative_int,
+                                 added_later=True)
 
 
 @dataclass(frozen=True)
