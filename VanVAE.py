@@ -175,29 +175,34 @@ def given_flags(parser, argv):
             if word.startswith("--") and word.split("=", 1)[0] in options}
 
 
+def path_checks(args):
+    """(flag, path, kind, need) of every path flag this invocation uses (util.path_problem)."""
+    checks = [(flag, dataset, None, "read") for flag, dataset in (("--dataset", args.dataset),
+                                                                   ("--out_dataset", args.out_dataset))
+              if dataset is not None and settings.is_path_dataset(dataset)]
+    # Datasets are read from --data_dir, and downloads and decoded own images go there: one that
+    # exists may be read-only (a shared copy); one that does not must be creatable.
+    checks.append(("--data_dir", args.data_dir, "folder", "read" if os.path.lexists(args.data_dir) else "write"))
+    checks.append(("--output_dir", args.output_dir, "folder", "write"))  # runs/, and models/ by default
+    if args.checkpoint is not None:
+        replaced = args.fit_prior or args.resume or (args.train and os.path.lexists(args.checkpoint))
+        checks.append(("--checkpoint", args.checkpoint, "file",
+                       "read_write" if replaced else "write" if args.train else "read"))
+    return checks
+
+
 def check_path_flags(args):
-    """Every path flag's kind, before any work: a folder where a file is wanted, a file where
-    a folder is, a link loop or a broken link is one line here, not a failure an epoch later."""
-    for flag, dataset in (("--dataset", args.dataset), ("--out_dataset", args.out_dataset)):
-        if dataset is not None and settings.is_path_dataset(dataset) and not os.path.exists(dataset):
-            raise UserError(f"{flag} {dataset}: no such folder or file")
-    for flag, folder in (("--output_dir", args.output_dir), ("--data_dir", args.data_dir)):
-        if os.path.exists(folder) and not os.path.isdir(folder):
-            raise UserError(f"{flag} {folder} is a file, not a folder")
-    if args.checkpoint is None:
-        return
-    if os.path.isdir(args.checkpoint):
-        raise UserError(f"--checkpoint {args.checkpoint} is a folder: give the checkpoint's file path "
-                        f"(such as {os.path.join(args.checkpoint, 'VanillaVAE_mnist.pt')})")
-    if os.path.lexists(args.checkpoint) and not os.path.exists(args.checkpoint):
-        try:
-            os.stat(args.checkpoint)
-        except OSError as e:
-            raise UserError(f"--checkpoint {args.checkpoint}: {e.strerror} (a broken or looping "
-                            "symbolic link)") from None
-    parent = os.path.dirname(os.path.abspath(args.checkpoint))
-    if os.path.exists(parent) and not os.path.isdir(parent):
-        raise UserError(f"--checkpoint {args.checkpoint}: {parent} is a file, not a folder")
+    """Every path flag, before any work: missing, unreadable, not creatable, a folder where a
+    file is wanted or the reverse, a broken link, a name too long, a read-only filesystem: one
+    line naming the flag, the path and the reason, not a traceback an epoch later."""
+    for flag, path, kind, need in path_checks(args):
+        problem = util.path_problem(path, kind, need)
+        if problem and flag == "--checkpoint" and problem == "no such file":
+            problem = "checkpoint not found (no such file)"
+        if problem and flag == "--checkpoint" and problem.startswith("it is a folder"):
+            problem += f": give the checkpoint's file path (such as {os.path.join(path, 'VanillaVAE_mnist.pt')})"
+        if problem:
+            raise UserError(f"{flag} {path}: {problem}")
 
 
 def rank_words():

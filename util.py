@@ -38,6 +38,57 @@ class BadValue(UserError):
         self.field = field
 
 
+def path_problem(path, kind=None, need="read"):
+    """What stops `path` from serving, in words that follow "PATH: ", or None. kind: "folder",
+    "file" or None (either); need: "read" (it must exist and be readable), "write" (it may be
+    created: its nearest existing folder must take new files) or "read_write" (both, as a
+    checkpoint replaced in place). Creates nothing. Root passes every permission check, so
+    those cases only ever show for other users."""
+    path = os.fspath(path)
+    if not path:
+        return "an empty path"
+    full = os.path.abspath(path)
+    name_max = _pathconf(os.path.dirname(full), "PC_NAME_MAX", 255)
+    long_name = next((part for part in full.split(os.sep) if len(os.fsencode(part)) > name_max), None)
+    if long_name is not None:
+        return f"a name in it is {len(os.fsencode(long_name))} bytes long; this filesystem allows {name_max}"
+    if os.path.lexists(path) and not os.path.exists(path):
+        return "a broken symbolic link (or a loop of links)"
+    if os.path.exists(path):
+        folder = os.path.isdir(path)
+        if kind == "folder" and not folder:
+            return "it is a file, not a folder"
+        if kind == "file" and folder:
+            return "it is a folder, not a file"
+        if need != "write" or folder:
+            if not os.access(path, os.R_OK | (os.X_OK if folder else 0)):
+                return "permission denied (it cannot be read)"
+        where = full if folder else os.path.dirname(full)
+    else:
+        if need != "write":
+            return "no such folder or file" if kind is None else f"no such {kind}"
+        where = os.path.dirname(full)
+        while not os.path.lexists(where):
+            where = os.path.dirname(where)
+        if not os.path.exists(where):
+            return f"cannot create it: {where} is a broken symbolic link"
+        if not os.path.isdir(where):
+            return f"cannot create it: {where} is a file, not a folder"
+    if need != "read":
+        if os.statvfs(where).f_flag & os.ST_RDONLY:  # first: access() says no there too, even to root
+            return f"{where} is on a read-only filesystem"
+        if not os.access(where, os.W_OK | os.X_OK):
+            return f"permission denied (nothing can be written in {where})"
+    return None
+
+
+def _pathconf(path, name, default):
+    try:
+        return os.pathconf(path if os.path.isdir(path) else "/", name)
+    except (OSError, ValueError):
+        return default
+
+
 def first_line(error):
     """The gist of an exception's message: libraries' messages can span many lines (medmnist
     prints a whole how-to, torch a stack of advice)."""

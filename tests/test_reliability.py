@@ -421,7 +421,7 @@ def test_an_output_folder_that_cannot_be_created_is_one_line(capsys, tmp_path, s
     flags = ["--checkpoint", good_checkpoint] if mode == "--sample" else [*TINY_MODEL]
     code, _, err = run_main(capsys, mode, *flags, "--data_dir", small_data,
                             "--output_dir", tmp_path / "afile" / "sub")
-    assert_one_line_error(code, err, "cannot create output folder", str(tmp_path / "afile"))
+    assert_one_line_error(code, err, "--output_dir", "cannot create it", f"{tmp_path / 'afile'} is a file")
     assert snapshot(tmp_path) == {Path("afile"): b"not a folder"}
 
 
