@@ -114,6 +114,11 @@ def load_split(name, split, data_dir, image_size=None, download=True):
         _copy_debian_fashion_mnist(os.path.dirname(needed[0]))
     missing = _missing(needed)
     folder = os.path.dirname(needed[0])
+    if name in ("mnist", "fashionmnist") and not missing:  # torchvision would only assert
+        for path in needed:
+            problem = _idx_problem(path)
+            if problem:
+                raise UserError(f"{name}: {path} is not a readable IDX file: {problem}")
     if missing and not download:
         raise UserError(f"{name}: no copy in {folder} ({os.path.basename(missing[0])} is missing) "
                         f"and downloading is off; allow the download or copy the files there"
@@ -316,12 +321,33 @@ def _unreadable_file(name, paths):
 
 
 def _idx_size_matches(path):
-    """IDX: 0, 0, dtype byte, ndim, then ndim big-endian uint32 sizes, then one byte per element."""
+    return _idx_problem(path) is None
+
+
+def _idx_problem(path):
+    """What is wrong with an IDX file of unsigned bytes (LeCun's format: 0, 0, the dtype byte 0x08,
+    the number of dimensions, then each size as a big-endian uint32, then one byte per element:
+    3 dimensions for images, 1 for labels), in words; None when nothing is."""
+    expected_ndim = 1 if "labels" in os.path.basename(path) else 3
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         header = f.read(4)
+        if len(header) < 4:
+            return f"{size} bytes: too short for an IDX header (truncated?)"
+        if header[:2] != b"\0\0":
+            return f"it starts {header[:2].hex(' ')}, not 00 00: not an IDX file"
+        if header[2] != 0x08:
+            return f"its dtype byte is 0x{header[2]:02x}, not 0x08 (unsigned bytes)"
+        if header[3] != expected_ndim:
+            return f"it has {header[3]} dimensions, not {expected_ndim}"
         dims = np.frombuffer(f.read(4 * header[3]), dtype=">u4")
-    expected_bytes = 4 + 4 * len(dims) + int(np.prod(dims, dtype=np.int64))
-    return len(dims) == header[3] and os.path.getsize(path) == expected_bytes
+    if len(dims) != header[3]:
+        return f"{size} bytes: its header is cut short (truncated?)"
+    expected = 4 + 4 * len(dims) + int(np.prod(dims, dtype=np.int64))
+    if size != expected:
+        shape = " x ".join(map(str, dims))
+        return f"its header says {shape} ({expected} bytes) but it has {size} bytes"
+    return None
 
 
 def _how_to_get(name):

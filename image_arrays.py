@@ -61,7 +61,12 @@ def _array_headers(path):
     try:
         if path.lower().endswith(".npy"):
             with open(path, "rb") as f:
-                return {"": _npy_header(f)}
+                shape, dtype = _npy_header(f)
+                data_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                if os.path.getsize(path) - f.tell() < data_bytes:
+                    raise ValueError(f"truncated: {os.path.getsize(path) - f.tell()} of the {data_bytes} "
+                                     f"bytes its header promises")
+                return {"": (shape, dtype)}
         with zipfile.ZipFile(path) as archive:
             return {name[:-4]: _npy_member_header(archive, name)
                     for name in archive.namelist() if name.endswith(".npy")}

@@ -177,5 +177,6 @@ def test_a_checkpoint_with_an_unknown_schedule_is_one_line(warmed_cosine_run, tm
     raw = util.load_torch_file(warmed_cosine_run[0] / CHECKPOINT)
     raw["training"]["lr_schedule"] = "step"
     torch.save(raw, tmp_path / "odd.pt")
-    with pytest.raises(util.UserError, match="does not describe a VanVAE model: training.lr_schedule must be one of constant, cosine, not 'step'"):
+    with pytest.raises(util.UserError, match="does not describe a VanVAE model: "
+                                             "training.lr_schedule must be one of constant, cosine, not 'step'"):
         checkpoint.load(tmp_path / "odd.pt")

@@ -433,7 +433,7 @@ def test_a_truncated_idx_file_is_named(capsys, tmp_path):
     idx.write_bytes(idx.read_bytes()[:-100])
     code, _, err = run_main(capsys, "--train", "--data_dir", tmp_path / "data",
                             "--output_dir", tmp_path / "out", *TINY_MODEL)
-    assert_one_line_error(code, err, f"could not read {idx}")
+    assert_one_line_error(code, err, f"{idx} is not a readable IDX file", "bytes")
     assert not (tmp_path / "out" / CHECKPOINT).exists()
 
 
