@@ -6,14 +6,12 @@ Format 2 is a dict that torch.load(weights_only=True) reads (tensors and plain v
     config          vae.VAEConfig as a dict: rebuilds the network
     model           the network's state_dict
     training        settings.TrainingRecord as a dict: what a resumed run and --eval read back
-    optimizer       Adam's state_dict                               } where training stands,
-    epoch, step     epochs done, and steps done in the next one     } for --resume; absent
-    history         one dict of per-epoch figures per epoch         } from a weights-only
-    partial         a stopped epoch's running sums and seconds      } file, which samples
-    rng             shuffle_at_epoch_start and noise generator states} and evaluates only
-    scaler          the fp16 GradScaler's state (CUDA --precision fp16 only)
-    priors          {name: priors.py state} fitted after training (gmm, two_stage); absent
-                    until one is fitted, and dropped by the next training save (new weights)
+    optimizer, epoch, step, history, partial, rng (shuffle_at_epoch_start, noise), scaler:
+                    a TrainingState (below), where training stands, for --resume; absent from
+                    a weights-only file, which samples and evaluates only
+    priors          {name: priors.py state} fitted after training (gmm, two_stage, flow);
+                    written with the weights they were fitted to, and dropped by the next
+                    training save (new weights)
     args            the command line's flags: a record for people; no code reads it back
 Format 1 had no `training`: its facts sat in `args`. load() reads it and fills the record in
 from there, so every checkpoint VanVAE ever wrote still samples, evaluates and resumes."""
@@ -37,9 +35,31 @@ PROGRESS_KEYS = ("optimizer", "epoch", "step", "history", "partial", "rng")
 
 
 @dataclass(frozen=True)
+class TrainingState:
+    """Where training stands: what training.train fills at each save and --resume reads back.
+    This file alone writes it into a checkpoint and reads it out (format 2's keys)."""
+    optimizer: dict  # Adam's state_dict
+    epoch: int  # epochs done
+    step: int  # steps done in the next epoch (a stopped epoch), else 0
+    history: list  # one dict of per-epoch figures per epoch
+    partial: dict | None  # a stopped epoch's running sums ("sums", 3 float64) and "seconds"
+    shuffle_at_epoch_start: torch.Tensor  # the shuffle generator's state as the epoch began
+    noise: torch.Tensor  # the noise generator's state
+    scaler: dict | None = None  # the fp16 GradScaler's state (CUDA --precision fp16 only)
+
+    def as_entries(self):
+        """The checkpoint's entries for this state (PROGRESS_KEYS, and "scaler" if any)."""
+        entries = {"optimizer": self.optimizer, "epoch": self.epoch, "step": self.step,
+                   "history": self.history, "partial": self.partial,
+                   "rng": {"shuffle_at_epoch_start": self.shuffle_at_epoch_start, "noise": self.noise}}
+        return entries | ({"scaler": self.scaler} if self.scaler is not None else {})
+
+
+@dataclass(frozen=True)
 class Checkpoint:
-    """A loaded checkpoint: its model on the CPU, its record (None for a weights-only file) and
-    the progress entries --resume needs (empty for a weights-only file)."""
+    """A loaded checkpoint: its model on the CPU, its record (None for a weights-only file), its
+    priors, and the raw entries of where training stood (resume_state() checks and types them:
+    only --resume needs them, and the other modes work without them)."""
     path: str
     model: VanillaVAE
     training: TrainingRecord | None
@@ -114,16 +134,13 @@ def _lock(lock_path, path):
         os.close(fd)
 
 
-def save(path, model, training, progress, flags, priors=None):
-    """Write a format-2 checkpoint atomically; `progress` holds PROGRESS_KEYS, and the fp16
-    loss scaler's state as "scaler" where there is one; `priors` ({name: state}), if any, were
-    fitted to these weights."""
-    extra = {"scaler": progress["scaler"]} if progress.get("scaler") is not None else {}
-    if priors:
-        extra["priors"] = priors
+def save(path, model, training, state, flags, priors=None):
+    """Write a format-2 checkpoint atomically: the model, its TrainingRecord, where training
+    stands (a TrainingState), the flags record, and `priors` ({name: state}) if any were fitted
+    to these weights."""
     atomic_torch_save({"format_version": FORMAT_VERSION, "config": model.config.as_dict(),
                        "model": model.state_dict(), "training": asdict(training),
-                       **{key: progress[key] for key in PROGRESS_KEYS}, **extra, "args": flags}, path)
+                       **state.as_entries(), **({"priors": priors} if priors else {}), "args": flags}, path)
 
 
 def load(path, dataset=None, image_shape=None):
@@ -301,9 +318,9 @@ PROGRESS_RULES = {
 }
 
 
-def check_resumable(ckpt):
-    """Raise UserError unless `ckpt` holds the training state --resume needs; a weights-only
-    file can still be sampled from."""
+def resume_state(ckpt):
+    """The TrainingState --resume continues from, or a UserError naming the file and what is
+    missing or malformed (a weights-only file can still be sampled from)."""
     missing = [key for key in PROGRESS_KEYS if key not in ckpt.progress]
     rng = ckpt.progress.get("rng")
     missing += [f"rng.{key}" for key in ("shuffle_at_epoch_start", "noise")
@@ -318,3 +335,7 @@ def check_resumable(ckpt):
             raise UserError(f"{ckpt.path} holds a malformed training state: {key} must be {words}, "
                             f"not {type(ckpt.progress[key]).__name__}; it still samples and evaluates "
                             "(--sample, --eval), or train anew")
+    entries = ckpt.progress
+    return TrainingState(entries["optimizer"], entries["epoch"], entries["step"], list(entries["history"]),
+                         entries["partial"], entries["rng"]["shuffle_at_epoch_start"], entries["rng"]["noise"],
+                         entries.get("scaler"))

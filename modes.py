@@ -104,7 +104,7 @@ def run_train(args):
 
 
 def load_resume(args, path):
-    """The checkpoint --resume continues, checked against the flags."""
+    """(checkpoint, its TrainingState) that --resume continues, checked against the flags."""
     ckpt = checkpoint.load(path, data.dataset_name(args.dataset) if args.dataset else None)
     dataset = ckpt.model.config.dataset
     if data.is_named(dataset):
@@ -112,13 +112,13 @@ def load_resume(args, path):
         if image_size is None and dataset in data.MEDMNIST_CLASSES:
             image_size = ckpt.model.config.image_shape[-1]  # a 64 px run resumes without --image_size
         checkpoint.check_matches(ckpt, image_shape=data.image_shape(dataset, image_size))
-    checkpoint.check_resumable(ckpt)
+    state = checkpoint.resume_state(ckpt)
     check_no_contradiction(args, ckpt)
-    done, step = ckpt.progress["epoch"], ckpt.progress["step"]
+    done, step = state.epoch, state.step
     if done >= args.n_epochs and step == 0:
         raise UserError(f"{path} has finished {done} epoch{'s' if done != 1 else ''}: nothing to "
                         f"resume; give --n_epochs above {done} to train it longer")
-    return ckpt
+    return ckpt, state
 
 
 def check_no_contradiction(args, ckpt):
@@ -215,18 +215,18 @@ def train_in_process_group(args, device):
     main = distributed.is_main()
     with folder_for(path) if main else contextlib.nullcontext(), \
             checkpoint.owned(path) if main else contextlib.nullcontext():
-        resume = load_resume(args, path) if args.resume else None
+        resume, state = load_resume(args, path) if args.resume else (None, None)
         if resume is None:
             check_new_run(args, path)
         else:
-            print(f"resuming {path} after epoch {resume.progress['epoch']}"
-                  + (f", step {resume.progress['step']}" if resume.progress["step"] else ""), flush=True)
+            print(f"resuming {path} after epoch {state.epoch}"
+                  + (f", step {state.step}" if state.step else ""), flush=True)
         train_images, test_images, source = load_training_data(args, resume)
         if resume is None:
             model, record = new_model(args, dataset, train_images, test_images, source)
         else:
             model, record = resume.model, resume.training
-        train_with(args, device, threads, path, out_dir, model, record, train_images, test_images, resume)
+        train_with(args, device, threads, path, out_dir, model, record, train_images, test_images, state)
     print(f"done: {path}")
 
 
@@ -263,7 +263,7 @@ def chosen_priors(ckpt, name):
     return {name: ckpt.priors[name]}
 
 
-def train_with(args, device, threads, path, out_dir, model, record, train_images, test_images, resume):
+def train_with(args, device, threads, path, out_dir, model, record, train_images, test_images, state):
     if record.binarize:
         test_images = data.binarize_fixed(test_images)
     model.to(device)
@@ -283,7 +283,7 @@ def train_with(args, device, threads, path, out_dir, model, record, train_images
              "hidden_dims": list(config.hidden_dims)}
     run = TrainSettings(record, settings.from_flags(settings.RunChoices, vars(args)), path, out_dir,
                         flags, progress=distributed.is_main())
-    training.train(model, train_images, test_images, run, resume,
+    training.train(model, train_images, test_images, run, state,
                    fitting.GMMAfterTraining(record, train_images, config.latent_dim,
                                             args.prior_components, args.prior_codes, path))
 

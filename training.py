@@ -326,8 +326,9 @@ def board_for(settings, first_step):
 def train(model, train_images, test_images, settings, resume=None, finish=None):
     """Train with Adam on uint8 image tensors; checkpoint, sample and log as settings say.
 
-    `resume` is a loaded checkpoint.Checkpoint to continue from (same weights, optimizer, random
-    streams, history), so an interrupted run ends exactly where an uninterrupted one does.
+    `resume` is the checkpoint.TrainingState to continue from (the model holds its weights
+    already: same optimizer, random streams, history), so an interrupted run ends exactly where
+    an uninterrupted one does.
     `finish`, if given, is called on rank 0 after the last epoch as finish(model) -> {name: prior
     state}, fitted to the final weights and saved with them in the one final save; it also
     tells its time, finish.seconds(encode seconds per image), for the run's time left. If it
@@ -340,24 +341,22 @@ def train(model, train_images, test_images, settings, resume=None, finish=None):
     if resume is None:
         model.init_decoder_scale(train_images)
     else:
-        progress = resume.progress
-        # checkpoint.check_resumable checked each entry's form; what only the objects themselves
+        # checkpoint.resume_state checked each entry's form; what only the objects themselves
         # can check (Adam's state against these parameters, a generator's state) is checked here.
         try:
             built = [{k: v for k, v in g.items() if k not in ("params", "lr")}
                      for g in step_fn.optimizer.param_groups]
-            step_fn.optimizer.load_state_dict(progress["optimizer"])
+            step_fn.optimizer.load_state_dict(resume.optimizer)
             check_adam_state(step_fn.optimizer, built)
-            shuffle_gen.set_state(progress["rng"]["shuffle_at_epoch_start"])
-            step_fn.noise_gen.set_state(progress["rng"]["noise"])
-            if step_fn.scaler is not None and progress.get("scaler"):  # fp16's loss scale goes on
-                step_fn.scaler.load_state_dict(progress["scaler"])
+            shuffle_gen.set_state(resume.shuffle_at_epoch_start)
+            step_fn.noise_gen.set_state(resume.noise)
+            if step_fn.scaler is not None and resume.scaler:  # fp16's loss scale goes on as it was
+                step_fn.scaler.load_state_dict(resume.scaler)
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
-            raise UserError(f"{resume.path} holds a training state that does not fit its model "
-                            f"(optimizer, rng or scaler: {first_line(e)}); it still samples and "
+            raise UserError(f"{settings.checkpoint_path} holds a training state that does not fit its "
+                            f"model (optimizer, rng or scaler: {first_line(e)}); it still samples and "
                             "evaluates, or train anew") from None
-        state.update(epoch=progress["epoch"], step=progress["step"], history=list(progress["history"]),
-                     partial=progress["partial"])
+        state.update(epoch=resume.epoch, step=resume.step, history=list(resume.history), partial=resume.partial)
     # A fixed prior draw, so the sample grids of successive epochs are comparable.
     fixed_z = torch.randn((settings.run.num_samples, model.config.latent_dim),
                           generator=torch.Generator().manual_seed(settings.record.seed + 2)).to(device)
@@ -368,11 +367,11 @@ def train(model, train_images, test_images, settings, resume=None, finish=None):
 
     def save(priors=None):
         check_finite_weights(model, settings.checkpoint_path)
-        progress = {**state, "optimizer": step_fn.optimizer.state_dict(),
-                    "rng": {"shuffle_at_epoch_start": state["shuffle_at_epoch_start"],
-                            "noise": step_fn.noise_gen.get_state()},
-                    "scaler": step_fn.scaler.state_dict() if step_fn.scaler is not None else None}
-        distributed.on_main(lambda: checkpoint.save(settings.checkpoint_path, model, settings.record, progress,
+        where = checkpoint.TrainingState(
+            step_fn.optimizer.state_dict(), state["epoch"], state["step"], state["history"], state["partial"],
+            state["shuffle_at_epoch_start"], step_fn.noise_gen.get_state(),
+            step_fn.scaler.state_dict() if step_fn.scaler is not None else None)
+        distributed.on_main(lambda: checkpoint.save(settings.checkpoint_path, model, settings.record, where,
                                                     settings.flags, priors))
 
     first_global_step = state["epoch"] * n_batches + state["step"]

@@ -35,8 +35,8 @@ def test_a_format_1_file_reads_back_its_training_record():
     ckpt = checkpoint.load(V1_FILE, "mnist", (1, 28, 28))
     assert ckpt.training == TrainingRecord("mnist", seed=3, batch_size=8, lr=0.001,
                                                       kld_weight=0.5, binarize=True)
-    assert ckpt.model.config.latent_dim == 4 and ckpt.progress["epoch"] == 1
-    checkpoint.check_resumable(ckpt)
+    assert ckpt.model.config.latent_dim == 4 and checkpoint.resume_state(ckpt).epoch == 1
+    checkpoint.resume_state(ckpt)  # whole: --resume can continue it
 
 
 def test_a_format_1_file_samples_and_evaluates(tmp_path):

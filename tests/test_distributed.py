@@ -266,9 +266,9 @@ def test_a_killed_node_stops_the_other_with_one_line_and_an_intact_checkpoint(lo
     assert f"[rank{1 - killed}]: Traceback" not in err  # no traceback of ours; torchrun's own report stays
     path = checkpoint_module.default_path(out, "mnist")
     saved = checkpoint_module.load(path)  # the last save loads whole
-    assert saved.progress["epoch"] >= 1
+    assert checkpoint_module.resume_state(saved).epoch >= 1
     resume = ["--train", "--resume", "--checkpoint", path, "--data_dir", long_data, "--output_dir", out,
-              "--n_epochs", saved.progress["epoch"] + 1, "--threads", 2, "--precision", "fp32"]
+              "--n_epochs", checkpoint_module.resume_state(saved).epoch + 1, "--threads", 2, "--precision", "fp32"]
     resumed = subprocess.run([sys.executable, str(REPO / "VanVAE.py"), *map(str, resume)], cwd=REPO,
                              capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -66,7 +66,7 @@ def test_a_prior_fit_that_fails_after_training_keeps_the_trained_weights(capsys,
     assert_one_line_error(code, err, "EM did not converge", f"{path} holds the trained weights",
                           f"--fit_prior gmm --checkpoint {path}")
     ckpt = checkpoint.load(path)
-    assert ckpt.progress["epoch"] == 1 and ckpt.priors == {}
+    assert checkpoint.resume_state(ckpt).epoch == 1 and ckpt.priors == {}
 
 
 @pytest.mark.parametrize("prior", ["gmm", "two_stage"])
