@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 import priors as latent_priors
-from settings import TrainingRecord, field_problem, value_problem
+from settings import TrainingRecord, field_problem, value_problem, with_floats
 from util import UserError, atomic_torch_save, first_line, load_torch_file
 from vae import VAEConfig, VanillaVAE
 
@@ -261,7 +261,7 @@ def _training_record(raw, dataset):
             raise ValueError(f"training {'lacks ' + ', '.join(missing) if missing else ''}"
                              f"{' and ' if missing and unknown else ''}"
                              f"{'holds unknown ' + ', '.join(unknown) if unknown else ''}")
-        record = TrainingRecord(**saved)
+        record = with_floats(TrainingRecord(**saved))
         problem = field_problem(record) or _data_source_problem(record.data_source)
         if problem is None and (record.n_train is None) != (record.n_test is None):
             problem = "n_train and n_test must both be image counts, or both none (format 1)"

@@ -17,7 +17,7 @@ import math
 import os
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 DEFAULT_DATASET = "mnist"  # what --dataset means when it is not given
 DATASETS = ("mnist", "cifar10", "fashionmnist", "chestmnist", "octmnist", "tissuemnist",
@@ -180,6 +180,15 @@ def field_problem(instance):
         if problem:
             return f"{f.name} {problem}"
     return None
+
+
+def with_floats(instance):
+    """A frozen declaration instance whose float fields holding whole numbers (a file may say
+    1 for 1.0) hold floats, as every computation with them expects (2**70 as an int overflows)."""
+    ints = {f.name: float(getattr(instance, f.name)) for f in fields(instance)
+            if f.type is float and isinstance(getattr(instance, f.name), int)
+            and not isinstance(getattr(instance, f.name), bool)}
+    return replace(instance, **ints) if ints else instance
 
 
 @dataclass

@@ -34,7 +34,7 @@ def other_shape(value):
 
 
 MUTATIONS = {"removed": lambda v: Removed, "None": lambda v: None, "a list": lambda v: [1, 2],
-             "a string": lambda v: "x", "a float NaN": lambda v: float("nan"),
+             "a string": lambda v: "x", "a float NaN": lambda v: float("nan"), "2**70": lambda v: 2**70,
              "a tensor": lambda v: torch.zeros(3, 2, dtype=torch.int32), "NaN-filled": nan_filled,
              "another dtype": other_dtype, "another shape": other_shape}
 # A field's value that may be anything: the flags record is for people, and no code reads it.
