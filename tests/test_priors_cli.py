@@ -56,6 +56,17 @@ def test_train_writes_its_final_checkpoint_once_with_the_prior_in_it(tmp_path, m
     assert set(checkpoint.load(path).priors) == {"gmm"}
 
 
+def test_the_runs_time_left_counts_the_prior_fit_still_to_come(capsys, tmp_path, monkeypatch):
+    import priors
+    monkeypatch.setattr(priors, "gmm_fit_seconds", lambda *args: 3600.0)  # an hour of EM to come
+    write_dataset("mnist", tmp_path / "data", n_train=48, n_test=16)
+    code, out, err = run_main(capsys, "--train", "--data_dir", tmp_path / "data", "--output_dir", tmp_path,
+                              "--n_epochs", 2, "--progress_seconds", 0, *TINY_MODEL)
+    assert code == 0, err
+    second_epoch = [line for line in out.splitlines() if line.startswith("  epoch 2/2:")]
+    assert second_epoch and all("run 1 h 00 min left" in line for line in second_epoch), out
+
+
 def test_a_prior_fit_that_fails_after_training_keeps_the_trained_weights(capsys, tmp_path, monkeypatch):
     import priors
     monkeypatch.setattr(priors, "GMM_MAX_ITERATIONS", 1)  # EM cannot converge in one iteration
