@@ -137,9 +137,11 @@ def test_a_path_the_user_may_not_use_is_one_line(world_readable, case):
     out.chmod(0o777)
     extra = ["gmm"] if mode == "--fit_prior" else []
     others = [] if flag == "--output_dir" else ["--output_dir", out]
+    if flag != "--data_dir":  # the default ./data may not exist, and nobody cannot create it
+        others += ["--data_dir", out / "data"]
     code, err = as_nobody(mode, *extra, flag, path, *others)
     assert_one_line_error(code, err, f"{flag} {path}", words)
-    assert list(out.iterdir()) == []
+    assert list(out.iterdir()) == []  # not even the data folder
 
 
 def test_a_read_only_filesystem_is_named(tmp_path, capsys):
