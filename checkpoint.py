@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 import priors as latent_priors
-from settings import TrainingRecord, field_problem, value_problem, with_floats
+from settings import MAX_WIDTH, TrainingRecord, field_problem, value_problem, with_floats
 from util import UserError, atomic_torch_save, first_line, load_torch_file
 from vae import VAEConfig, VanillaVAE
 
@@ -218,10 +218,10 @@ def _model(raw):
         raise ValueError(f"config {wrong}")
     for name, length in (("image_shape", 3), ("hidden_dims", None)):
         value = saved[name]
-        if not isinstance(value, (list, tuple)) or (length and len(value) != length) \
-                or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise ValueError(f"config.{name} must be a list of {length or 'some'} whole numbers, "
-                             f"not {type(value).__name__} {str(value)[:40]!r}")
+        if not isinstance(value, (list, tuple)) or (length and len(value) != length) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_WIDTH for v in value):
+            raise ValueError(f"config.{name} must be a list of {length or 'some'} whole numbers from 1 "
+                             f"to {MAX_WIDTH}, not {type(value).__name__} {str(value)[:40]!r}")
     config = VAEConfig(**saved)
     problem = field_problem(config)
     if problem:

@@ -161,8 +161,8 @@ def load_training_data(args, resume):
     counts = (train_images.shape[0], test_images.shape[0])
     if record is not None and record.n_train is not None and (record.n_train, record.n_test) != counts:
         raise UserError(f"{resume.path} was trained on {record.n_train} train / {record.n_test} test "
-                        f"images of {dataset}; {args.data_dir} holds {counts[0]} / {counts[1]}: "
-                        "resume with the same data (--data_dir), or train anew")
+                        f"images of {dataset} (its training.n_train / n_test); {args.data_dir} holds "
+                        f"{counts[0]} / {counts[1]}: resume with the same data (--data_dir), or train anew")
     world = distributed.world_size()
     if counts[0] < 2 * world or counts[1] < 1:
         raise UserError(f"{dataset} gives {counts[0]} train and {counts[1]} test images; training "

@@ -89,6 +89,10 @@ nonnegative_int = number_type(int, 0, "zero or more")
 positive_float = number_type(float, 0, "a positive number", minimum_allowed=False)
 nonnegative_float = number_type(float, 0, "zero or a positive number")
 seed_type = number_type(int, 0, f"a whole number from 0 to {MAX_SEED}", maximum=MAX_SEED)
+# Channels and latent dimensions: far beyond any VAE this tool trains, and within what a tensor's
+# size can hold (a checkpoint saying 2**70 overflowed torch's size arguments).
+MAX_WIDTH = 2**16
+width_type = number_type(int, 1, f"a whole number from 1 to {MAX_WIDTH}", maximum=MAX_WIDTH)
 
 
 # ---------------------------------------------------------------- the declaration of a run
@@ -196,10 +200,10 @@ class VAEConfig:
     """Everything needed to rebuild the network; stored inside every checkpoint."""
     dataset: str
     image_shape: tuple  # (channels, height, width)
-    latent_dim: int = flag(128, "latent dimensions (default: %(default)s)", type=positive_int)
+    latent_dim: int = flag(128, "latent dimensions (default: %(default)s)", type=width_type)
     hidden_dims: tuple = flag(
         DEFAULT_HIDDEN_DIMS, "channels of each stride-2 conv layer (default: none given, meaning "
-        f"{' '.join(map(str, DEFAULT_HIDDEN_DIMS))})", flag_default=None, type=positive_int, nargs="+")
+        f"{' '.join(map(str, DEFAULT_HIDDEN_DIMS))})", flag_default=None, type=width_type, nargs="+")
     recon_loss: str = flag(
         "gaussian", "decoder likelihood: gaussian (a density of dequantised 8-bit pixels whose "
         "variance is calibrated to each batch's squared error, the sigma-VAE; the best samples "
