@@ -29,40 +29,38 @@ def flags_of(mode):
     return flags
 
 
+def failures(kind, need):
+    """The ways a path of this kind and need can fail, as the cases name them."""
+    names = ["a broken symbolic link", "a name too long"]
+    names += ["missing"] if need != "write" else ["below a file (cannot be created)", "below a broken link"]
+    names += {"folder": ["a file where a folder belongs"], "file": ["a folder where a file belongs"]}.get(kind, [])
+    return names
+
+
 def broken_paths(tmp, kind, need):
-    """{failure: path} of every way a path of this kind and need fails, made under tmp."""
+    """{failure: path} of every failure(kind, need), made under tmp."""
     (tmp / "a_file").write_text("x")
     (tmp / "a_folder").mkdir()
     os.symlink(tmp / "nowhere", tmp / "dangling")
-    cases = {"a broken symbolic link": tmp / "dangling",
-             "a name too long": tmp / ("n" * 300)}
-    if need != "write":
-        cases["missing"] = tmp / "missing"
-    else:
-        cases["below a file (cannot be created)"] = tmp / "a_file" / "sub" / ("x.pt" if kind == "file" else "d")
-        cases["below a broken link"] = tmp / "dangling" / "sub"
-    if kind == "folder":
-        cases["a file where a folder belongs"] = tmp / "a_file"
-    if kind == "file":
-        cases["a folder where a file belongs"] = tmp / "a_folder"
-    return cases
+    paths = {"a broken symbolic link": tmp / "dangling", "a name too long": tmp / ("n" * 300),
+             "missing": tmp / "missing",
+             "below a file (cannot be created)": tmp / "a_file" / "sub" / ("x.pt" if kind == "file" else "d"),
+             "below a broken link": tmp / "dangling" / "sub",
+             "a file where a folder belongs": tmp / "a_file", "a folder where a file belongs": tmp / "a_folder"}
+    return {name: paths[name] for name in failures(kind, need)}
 
 
 REASONS = {"a broken symbolic link": "broken symbolic link", "a name too long": "bytes long",
            "missing": "no such", "below a file (cannot be created)": "is a file, not a folder",
            "below a broken link": "broken symbolic link", "a file where a folder belongs": "is a file",
            "a folder where a file belongs": "is a folder"}
-def all_cases():
-    with tempfile.TemporaryDirectory() as scratch:  # broken_paths makes the paths to name them
-        for mode in MODES:
-            for flag, (kind, need) in flags_of(mode).items():
-                folder = Path(scratch) / f"{mode}{flag}".replace(" ", "").replace("-", "")
-                folder.mkdir()
-                for failure in broken_paths(folder, kind, need):
-                    yield mode, flag, failure
 
 
-@pytest.mark.parametrize("mode, flag, failure", list(all_cases()))
+CASES = [(mode, flag, failure) for mode in MODES for flag, (kind, need) in flags_of(mode).items()
+         for failure in failures(kind, need)]
+
+
+@pytest.mark.parametrize("mode, flag, failure", CASES)
 def test_a_path_flag_that_cannot_serve_is_one_line_in_every_mode(capsys, tmp_path, mode, flag, failure):
     kind, need = flags_of(mode)[flag]
     path = broken_paths(tmp_path, kind, need)[failure]
