@@ -401,12 +401,54 @@ def parse_args(argv):
                    help="measure only --eval's importance-weighted bound at K=1000 on N test images "
                         "(the default model, its weights as initialised: the speed does not depend on "
                         "them), against its floor, the decoder's FLOPs over the fp32 matmul rate")
+    p.add_argument("--profile", type=int, default=None, metavar="N",
+                   help="show only where (a)'s training step spends its time: torch.profiler over N "
+                        "steps at 28 px after --warmup, a table of each operator and input shape (so "
+                        "each layer) by its share of the step's time; with ONEDNN_MAX_CPU_ISA=AVX2 "
+                        "ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 set, the kernels an "
+                        "AVX2-only CPU runs")
+    p.add_argument("--profile_rows", type=int, default=25, help="rows of the --profile table (default: 25)")
     p.add_argument("--job", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.warmup, args.repeats, args.n_test, args.n_sample = 2, 1, 1, 64, 32
         args.matmul_size = 512
     return args
+
+
+# ---------------------------------------------------------------- where a step's time goes
+
+def bench_profile(args, settings):
+    """torch.profiler over --profile N of (a)'s training steps: each operator, by input shapes,
+    with its self time per step on the calling thread (an op's own time, its children's apart;
+    intra-op threads work inside it) and its share of the steps' total, the largest first."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    device, n, batch = torch.device("cpu"), args.profile, args.batch_size
+    train_u8, test_u8, source = uint8_splits("grey28", None if args.generated else args.data_dir,
+                                             batch * (n + args.warmup + 2), batch)
+    util.keep_freed_memory()  # as VanVAE.py does
+    pipeline = VanVAEPipeline(train_u8, test_u8, batch, device,
+                              TrainSettings(TrainingRecord("grey28", seed=0, batch_size=batch),
+                                            RunChoices(**settings)))
+    pipeline.train_steps(args.warmup)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        start = time.perf_counter()
+        pipeline.train_steps(n)
+        wall = time.perf_counter() - start
+    events = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: e.self_cpu_time_total,
+                    reverse=True)
+    total_us = sum(e.self_cpu_time_total for e in events)
+    print(f"\nprofile: (a) VanVAE's training step at 28 px ({source} Fashion-MNIST), {pipeline.precision}, "
+          f"batch {batch}, {n} steps after {args.warmup}; {machine_name(device)}; torch {torch.__version__}")
+    print(f"{1000 * wall / n:.1f} ms per step under the profiler ({n * batch / wall:.0f} images/s; the "
+          f"profiler's own cost included); self time in operators {total_us / 1000 / n:.1f} ms per step")
+    print("| operator | input shapes | calls per step | self ms per step | % of self time |")
+    print("|---|---|---|---|---|")
+    for e in events[:args.profile_rows]:
+        shapes = ", ".join("x".join(map(str, shape)) for shape in e.input_shapes if shape)[:70]
+        print(f"| {e.key} | {shapes} | {e.count / n:g} | {e.self_cpu_time_total / 1000 / n:.2f} | "
+              f"{100 * e.self_cpu_time_total / total_us:.1f} |")
 
 
 # ---------------------------------------------------------------- loading the user's own images
@@ -499,14 +541,18 @@ def main(argv=None):
     if args.iw:
         bench_iw_bound(args)
         return 0
+    # (a)'s settings where the flags say, else settings.RunChoices' defaults
+    base = {k: v for k, v in (("precision", args.precision), ("channels_last", args.channels_last))
+            if v is not None}
+    if args.profile:
+        bench_profile(args, base)
+        return 0
     if args.job:
         print(json.dumps(measure(json.loads(args.job))))
         return 0
     devices = [torch.device("cpu")] if args.device in ("all", "cpu") else []
     if args.device in ("all", "cuda") and torch.cuda.is_available():
         devices.append(torch.device("cuda"))
-    base = {k: v for k, v in (("precision", args.precision), ("channels_last", args.channels_last))
-            if v is not None}
     for device in devices:
         bench_device(device, args, base)
     return 0

@@ -47,3 +47,17 @@ def test_the_loading_bench_prints_its_three_ways_to_load(tmp_path):
     rows = [line for line in result.stdout.splitlines() if line.startswith("| images.py") or
             line.startswith("| ImageFolder")]
     assert len(rows) == 4 and all(float(row.split("|")[3]) > 0 for row in rows), result.stdout
+
+
+def test_the_profile_shows_where_a_training_step_spends_its_time(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "bench.py"), "--profile", "2", "--warmup", "1",
+                             "--generated", "--batch_size", "16", "--profile_rows", "200"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("profile: (a) VanVAE's training step") and "AVX2 " in line for line in lines)
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines
+            if line.startswith("| aten::")]
+    shares = [float(cells[4]) for cells in rows]
+    assert shares == sorted(shares, reverse=True) and 50 < sum(shares) <= 100.05
+    assert any(cells[0] == "aten::convolution_backward" for cells in rows)  # the layers are there
