@@ -24,18 +24,19 @@ def write_json(report, path):
 
 
 def eval_report(model, images, labels, *, raw_images, iw_samples, kld_weight, binarized, seed,
-                fid_samples, cache_dir, out_dir, checkpoint_path, priors, class_names=None):
+                fid_samples, cache_dir, out_dir, checkpoint_path, priors, class_names=None,
+                fid_precision="fp32"):
     """Every --eval figure, the pictures and eval.json in out_dir; returns the report.
 
     `images` are what the model is scored on (binarised if it was trained so); sample quality
     compares each prior's samples (priors: {name: state}, None for N(0, I)) with `raw_images`,
-    whose Inception features are cached in cache_dir. class_names[label] names the latent map's
-    classes."""
+    whose Inception features (computed in fid_precision) are cached in cache_dir.
+    class_names[label] names the latent map's classes."""
     reference = None
     if fid_samples > 0:
         print(f"FID reference: the Inception features of the {raw_images.shape[0]} {model.config.dataset} "
               "test images (cached in --data_dir after the first run)", flush=True)
-        reference = inception_reference(model, raw_images, cache_dir)
+        reference = inception_reference(model, raw_images, cache_dir, fid_precision)
     print(f"evaluating {checkpoint_path} on {images.shape[0]} {model.config.dataset} test images "
           f"(K={iw_samples}, seed {seed})", flush=True)
     report, means = eval_figures(model, images, iw_samples=iw_samples, kld_weight=kld_weight,
@@ -51,7 +52,7 @@ def eval_report(model, images, labels, *, raw_images, iw_samples, kld_weight, bi
     report["fid"] = quality[report["fid_prior"]]["fid"]
     others = f"; the {report['fid_prior']} prior only (--prior all: every prior)" if len(quality) == 1 else ""
     report["fid_protocol"] = (f"{fid_samples} prior samples (seed {seed}) vs the {raw_images.shape[0]} "
-                              f"{model.config.dataset} test images; {protocol_note()}"
+                              f"{model.config.dataset} test images; {protocol_note(fid_precision)}"
                               + ("" if fid_samples >= 10_000 and fid_samples == raw_images.shape[0] else
                                  "; the literature's FID-10k is --fid_samples 10000 against all 10,000 test "
                                  "images (smaller counts bias FID upward)") + others
@@ -61,19 +62,29 @@ def eval_report(model, images, labels, *, raw_images, iw_samples, kld_weight, bi
     return report
 
 
-def protocol_note():
+def protocol_note(precision):
     import fid  # only when FID ran: its package is slow to import
-    return f"{fid.PROTOCOL}; {fid.SAMPLE_QUALITY_PROTOCOL}"
+    return f"{fid.protocol(precision)}; {fid.SAMPLE_QUALITY_PROTOCOL}"
 
 
-def inception_reference(model, raw_images, cache_dir):
-    """(network, reference_features()) of the test images sample quality is measured against."""
+def inception_device(model):
+    """The Inception network runs on the model's GPU, or else on the CPU (its TorchScript
+    file is not known to run on MPS)."""
+    device = next(model.parameters()).device
+    return device if device.type == "cuda" else torch.device("cpu")
+
+
+def inception_reference(model, raw_images, cache_dir, precision="fp32"):
+    """(network, precision, reference_features()) of the test images sample quality is measured
+    against."""
     import fid  # loads the Inception network's package only when FID is asked for
-    net = fid.load_network()
+    device = inception_device(model)
+    net = fid.load_network(device)
     key = f"{model.config.dataset}_{model.config.image_shape[-1]}px_test"
     with Progress("FID reference features", raw_images.shape[0], "image", estimate=True,
                   shorter="--eval_images N (fewer test images) or --fid_samples 0 (no FID)") as bar:
-        return net, fid.reference_features(net, raw_images, cache_dir, key, on_progress=bar.update)
+        return net, precision, fid.reference_features(net, raw_images, cache_dir, key, device=device,
+                                                      on_progress=bar.update, precision=precision)
 
 
 GRID_SAMPLES = 64  # images in each prior's sample grid
@@ -92,7 +103,7 @@ def sample_quality_by_prior(model, priors, n_samples, seed, reference, stem):
         figures = {"fid": None, "kid": None, "kid_std": None, "precision": None, "recall": None}
         if n_samples > 0:
             import fid
-            net, ref = reference
+            net, precision, ref = reference
             print(f"sample quality of the {name} prior: {n_samples} samples through the Inception "
                   "network", flush=True)
             samples = sampling.prior_samples_uint8(model, n_samples, torch.Generator(device).manual_seed(seed),
@@ -100,7 +111,8 @@ def sample_quality_by_prior(model, priors, n_samples, seed, reference, stem):
             with Progress(f"Inception features, {name} prior", n_samples, "image", estimate=True,
                           shorter="--fid_samples 2000 (a noisier FID)" + (
                               "" if len(priors) == 1 else " or leaving out --prior all (one prior)")) as bar:
-                feats = fid.features(net, samples, on_progress=bar.update)
+                feats = fid.features(net, samples, device=inception_device(model), on_progress=bar.update,
+                                     precision=precision)
             figures = fid.sample_quality(ref, feats)
         quality[name] = {**figures, "n_samples": n_samples, "seconds": time.perf_counter() - start}
     return quality, grids

