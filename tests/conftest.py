@@ -25,3 +25,12 @@ def small_data(tmp_path_factory):
 def long_data(tmp_path_factory):
     """300 steps per epoch: seconds long, so a signal sent as an epoch begins lands mid-epoch."""
     return _mnist(tmp_path_factory, "long_data", 2400)
+
+
+# The long tier: tests of more than about 10 s alone on the developers' 2-core CPU (pytest
+# --durations), mostly whole training runs in real processes (the soak, the bit-identical resumes
+# after a real signal, a killed torchrun node) and the sweep of every checkpoint field. The
+# README's test command leaves them out (-m "not long"), so the everyday tier stays under 10
+# minutes on a slower 2-core CPU as well; .ci/run runs both tiers.
+def pytest_configure(config):
+    config.addinivalue_line("markers", "long: the long tier; run with pytest -m long (.ci/run runs it)")

@@ -4,11 +4,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import bench
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.long
 def test_quick_bench_prints_the_table_with_every_column(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "bench.py"), "--quick", "--generated",
                              "--device", "cpu", "--batch_size", "16", "--data_dir", str(tmp_path)],

@@ -10,6 +10,8 @@ import torch
 import checkpoint
 from helpers import run_main, train_tiny
 
+pytestmark = pytest.mark.long  # about 1,700 runs: the long tier (tests/conftest.py)
+
 
 class Removed:
     """The key taken out."""

@@ -239,6 +239,7 @@ def kill_node(node):
     node.communicate()
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("killed", [1, 0])
 def test_a_killed_node_stops_the_other_with_one_line_and_an_intact_checkpoint(long_data, tmp_path, killed):
     port, out = free_port(), tmp_path / "out"

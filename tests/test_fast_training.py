@@ -108,6 +108,7 @@ def test_auto_precision_is_a_real_dtype():
     assert training.resolve_precision("fp32", torch.device("cpu")) == "fp32"
 
 
+@pytest.mark.long
 def test_compile_trains_the_same_steps_as_eager_and_caches_where_it_says(tmp_path, monkeypatch):
     """--compile compiles the whole training forward in place: the same losses and weights as
     eager to float precision, the same state_dict keys (so checkpoints load either way), and

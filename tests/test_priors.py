@@ -88,6 +88,7 @@ def assert_same_state(a, b):
             assert value == b[key], key
 
 
+@pytest.mark.long
 def test_refitting_with_the_same_seed_gives_the_same_prior(gmm_state, two_stage_state, flow_state):
     assert_same_state(flow_state, fit_small_flow())
     assert_same_state(gmm_state, priors.fit_gmm(mixture_codes(), 3, seed=0, fitted_on="mixture test codes"))

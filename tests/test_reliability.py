@@ -68,6 +68,7 @@ def run_folder(tmp_path, good_checkpoint):
 
 # ---------------------------------------------------------------- resume
 
+@pytest.mark.long
 def test_resume_at_an_epoch_boundary_ends_bit_identical(tmp_path, small_data):
     common = ["--train", "--data_dir", small_data, *TINY_MODEL, "--seed", "3"]
     assert run_cli(*common, "--output_dir", tmp_path / "a", "--n_epochs", 2).returncode == 0
@@ -81,6 +82,7 @@ def test_resume_at_an_epoch_boundary_ends_bit_identical(tmp_path, small_data):
 
 
 
+@pytest.mark.long
 def test_sigint_mid_epoch_then_the_printed_resume_command_ends_bit_identical(tmp_path, long_data):
     common = ["--train", "--data_dir", long_data, *TINY_MODEL, "--seed", "5", "--n_epochs", 2]
     assert run_cli(*common, "--output_dir", tmp_path / "a").returncode == 0
@@ -130,6 +132,7 @@ def test_a_signal_during_the_last_epochs_evaluation_just_finishes(capsys, monkey
     assert util.load_torch_file(run_folder / CHECKPOINT)["epoch"] == 2
 
 
+@pytest.mark.long
 def test_kill_9_leaves_a_checkpoint_that_loads_samples_and_resumes(tmp_path, small_data):
     proc = start_cli("--train", "--data_dir", small_data, "--output_dir", tmp_path, *TINY_MODEL,
                      "--n_epochs", 1000, "--seed", 2, "--sample_and_save_frequency", 1)

@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fakedata import write_dataset
+
+pytestmark = pytest.mark.long  # minutes of tiny epochs: the long tier (tests/conftest.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 # The caches fill over the first ~200 saves (measured below), so the first reading comes after

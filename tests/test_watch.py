@@ -38,6 +38,7 @@ def run_folder(out):
     return Path(checkpoint.run_dir(out, checkpoint.default_path(out, "mnist")))
 
 
+@pytest.mark.long
 def test_a_log_file_shows_progress_lines_before_the_first_epoch_ends(long_data, tmp_path):
     log = tmp_path / "train.log"
     with open(log, "w") as f:  # a file, not a terminal: no progress bar can be drawn
@@ -82,6 +83,7 @@ def test_tensorboard_scalars_equal_history_csv_at_the_global_step(small_data, tm
     assert images["samples"] == [2 * steps_per_epoch]  # the one save, after the last epoch
 
 
+@pytest.mark.long
 def test_a_resumed_run_has_one_value_per_step_on_every_curve(small_data, tmp_path):
     out = tmp_path / "out"
     train(small_data, out, "--n_epochs", "2", "--tensorboard")
