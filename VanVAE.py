@@ -84,7 +84,7 @@ def build_parser():
                         "--outlier_detection (default: 100; Burda et al. report K=5000)")
     p.add_argument("--fid_samples", type=nonnegative_int, default=10000,
                    help="prior samples for --eval's FID against the test split; 0 skips FID "
-                        "(default: 10000; per 1000 images on 2 CPU cores, about 40 s in bf16, 70 s in fp32)")
+                        "(default: 10000; per 1000 images on 2 CPU cores, about 35 s in bf16, 65 s in fp32)")
     p.add_argument("--fid_precision", choices=FID_PRECISIONS, default="auto",
                    help="the Inception network's arithmetic for --eval's FID: fp32 (the literature's), "
                         "or bf16 autocast (FID-10k measured 0.06 from fp32's on the same images, 1.7x "
