@@ -348,19 +348,10 @@ def run_eval(args):
         fid_samples=args.fid_samples, cache_dir=args.data_dir, out_dir=out_dir, checkpoint_path=ckpt.path,
         priors=chosen_priors(ckpt, args.prior),
         class_names=data.class_names(ckpt.model.config.dataset, ckpt.training and ckpt.training.data_source),
-        fid_precision=fid_precision(args.fid_precision, evaluation.inception_device(ckpt.model)))
+        fid_precision=args.fid_precision)
     print(evaluation.format_eval_table(report))
     for name, file in report["files"].items():
         print(f"  {name:<16} {file}")
-
-
-def fid_precision(choice, device):
-    """--fid_precision's auto: bf16 on a CPU that computes it natively, where it halves the
-    Inception network's time for an FID-10k measured 0.06 from fp32's (docs/BENCHMARKS.md); fp32
-    elsewhere: emulated bf16 is slower than fp32, and a GPU's fp32 pass takes seconds."""
-    if choice != "auto":
-        return choice
-    return "bf16" if device.type == "cpu" and training.cpu_has_native_bf16() else "fp32"
 
 
 def warn_if_fid_is_not_comparable(n_samples, n_reference):

@@ -25,7 +25,7 @@ DATASETS = ("mnist", "cifar10", "fashionmnist", "chestmnist", "octmnist", "tissu
 ARRAY_EXTENSIONS = (".npy", ".npz")
 RECON_LOSSES = ("bernoulli", "gaussian", "mse")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-FID_PRECISIONS = ("auto", "fp32", "bf16")  # --fid_precision: the Inception network's arithmetic (fid.py)
+FID_PRECISIONS = ("fp32", "bf16")  # --fid_precision: the Inception network's arithmetic (fid.py)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRIORS = ("standard", "gmm", "two_stage", "flow")  # where z comes from when sampling (priors.py)
 # Which fitted prior --sample and --eval use when --prior is not given: the first of these that
