@@ -32,6 +32,7 @@ def test_quick_bench_prints_the_table_with_every_column(tmp_path):
     assert "AVX2 " in result.stdout and "AVX512-BF16 " in result.stdout and "AMX " in result.stdout
 
 
+@pytest.mark.long
 def test_the_iw_bound_bench_prints_its_floor_and_the_measured_time(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "bench.py"), "--iw", "2", "--generated",
                              "--matmul_size", "256"], capture_output=True, text=True, cwd=tmp_path, timeout=900)
@@ -43,6 +44,7 @@ def test_the_iw_bound_bench_prints_its_floor_and_the_measured_time(tmp_path):
 
 
 
+@pytest.mark.long
 def test_the_loading_bench_prints_its_three_ways_to_load(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "bench.py"), "--loading", "40", "--generated"],
                             capture_output=True, text=True, cwd=tmp_path, timeout=900)

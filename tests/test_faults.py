@@ -70,6 +70,7 @@ def test_a_real_full_disk_is_one_line_and_leaves_no_half_file(tmp_path, small_da
     assert not models.exists() or list(models.iterdir()) == []  # no half file, no temporary
 
 
+@pytest.mark.long
 def test_a_full_disk_for_the_pictures_only_warns_and_training_goes_on(tmp_path, small_data, small_filesystem):
     """The checkpoint goes to a roomy disk, the run folder (pictures, CSV) to a full one."""
     disk = small_filesystem(1024)
@@ -103,6 +104,7 @@ def test_a_picture_path_taken_by_a_folder_only_warns(capsys, tmp_path, small_dat
 
 # ---------------------------------------------------------------- two runs, one checkpoint
 
+@pytest.mark.long
 def test_a_second_run_on_a_checkpoint_in_use_is_refused(tmp_path, long_data):
     first = start_cli(*train_flags(long_data, tmp_path, "--n_epochs", 3))
     try:

@@ -98,6 +98,7 @@ def test_sigint_mid_epoch_then_the_printed_resume_command_ends_bit_identical(tmp
                                util.load_torch_file(tmp_path / "b" / CHECKPOINT))
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_saves_and_prints_one_line_with_the_resume_command(tmp_path, long_data, signum):
     proc = start_cli("--train", "--data_dir", long_data, "--output_dir", tmp_path, *TINY_MODEL,
@@ -510,6 +511,7 @@ def peak_mib_of_sampling(checkpoint, output_dir, num_samples):
     return int(result.stdout.split("peak_kib")[1]) / 1024
 
 
+@pytest.mark.long
 def test_100000_samples_arrive_whole_in_small_memory(tmp_path, good_checkpoint):
     few_mib = peak_mib_of_sampling(good_checkpoint, tmp_path, 16)
     many_mib = peak_mib_of_sampling(good_checkpoint, tmp_path, 100000)
