@@ -67,8 +67,8 @@ def preprocess(images_uint8, device):
 @torch.no_grad()
 def features(net, images_uint8, batch_size=50, device="cpu", on_progress=None, precision="fp32"):
     """Pool features (N, 2048) float64 of uint8 images, in batches; on_progress(images done)
-    after each. Channels-last input: the same fp32 features to 1e-6, and 1.3x faster through
-    oneDNN on a CPU (docs/BENCHMARKS.md); bf16 autocast a further 1.7x where it is native."""
+    after each. Channels-last input: the same fp32 features to 1e-6, and 1.1-1.3x faster through
+    oneDNN on a CPU (docs/BENCHMARKS.md); bf16 autocast about 2x where it is native."""
     out = []
     autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
