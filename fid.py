@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import inception
 from util import UserError, atomic_torch_save, load_torch_file
 
 FEATURE_DIMS = 2048
@@ -48,11 +49,16 @@ def network_path():
     return path
 
 
-def load_network(device="cpu"):
+def load_scripted_network(device="cpu"):
+    """The network as the package ships it: a TorchScript file."""
     with warnings.catch_warnings():  # torch.jit.load's deprecation notice is not the user's concern
         warnings.simplefilter("ignore", FutureWarning)
-        net = torch.jit.load(network_path(), map_location=device)
-    return net.eval()
+        return torch.jit.load(network_path(), map_location=device).eval()
+
+
+def load_network(device="cpu"):
+    """The FID network with the file's weights, rebuilt eagerly (inception.py says why)."""
+    return inception.from_torchscript(load_scripted_network(device)).to(memory_format=torch.channels_last)
 
 
 def preprocess(images_uint8, device):
@@ -64,11 +70,16 @@ def preprocess(images_uint8, device):
     return x.mul_(2).sub_(1)
 
 
+CPU_BATCH = 10  # images per pass on a CPU: 30 images/s in fp32 on 2 cores against 24 at 50 (cache-sized)
+GPU_BATCH = 200
+
+
 @torch.no_grad()
-def features(net, images_uint8, batch_size=50, device="cpu", on_progress=None, precision="fp32"):
-    """Pool features (N, 2048) float64 of uint8 images, in batches; on_progress(images done)
-    after each. Channels-last input: the same fp32 features to 1e-6, and 1.1-1.3x faster through
-    oneDNN on a CPU (docs/BENCHMARKS.md); bf16 autocast about 2x where it is native."""
+def features(net, images_uint8, batch_size=None, device="cpu", on_progress=None, precision="fp32"):
+    """Pool features (N, 2048) float64 of uint8 images, in batches (CPU_BATCH on a CPU);
+    on_progress(images done) after each. Channels-last input, as oneDNN runs it fastest on a
+    CPU; bf16 autocast about 2x faster where it is native (docs/BENCHMARKS.md)."""
+    batch_size = batch_size or (CPU_BATCH if torch.device(device).type == "cpu" else GPU_BATCH)
     out = []
     autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
@@ -108,7 +119,9 @@ def reference_features(net, images_uint8, cache_dir, key, device="cpu", on_progr
     under `key`, the precision and a hash of the images, so a dataset split is pushed through
     the network once per machine and precision. Only finite features are ever cached."""
     digest = hashlib.sha1(images_uint8.contiguous().numpy().tobytes()).hexdigest()[:12]
-    key = key if precision == "fp32" else f"{key}_{precision}"  # fp32's name is the one older runs cached
+    # fp32's name is the one older runs cached (the rebuilt network's fp32 features equal the file's
+    # to 1e-6); bf16's depend on the folded weights' rounding, so caches of the file's bf16 are not reused
+    key = key if precision == "fp32" else f"{key}_{precision}_folded"
     path = os.path.join(cache_dir, f"fid_stats_v{STATS_VERSION}_{key}_n{images_uint8.shape[0]}_{digest}.pt")
     if os.path.isfile(path):
         cached = load_torch_file(path, what="FID statistics file")

@@ -184,10 +184,10 @@ def test_fid_network_loads_offline_and_ranks_sets_sensibly(monkeypatch):
 def test_fid_features_are_the_networks_own_in_fp32_and_close_to_them_in_bf16():
     net = fid.load_network()
     images = shape_images(8, seed=7)
-    with torch.no_grad():  # the network as it is called plainly: NCHW, fp32
-        plain = net(fid.preprocess(images, "cpu")).double()
+    with torch.no_grad():  # the file as the package ships it, called plainly: TorchScript, NCHW, fp32
+        plain = fid.load_scripted_network()(fid.preprocess(images, "cpu")).double()
     fp32 = fid.features(net, images, batch_size=4)
-    assert (fp32 - plain).abs().max() < 1e-4 * plain.abs().max()
+    assert (fp32 - plain).abs().max() < 1e-5 * plain.abs().max()  # measured 1.2e-6: float rounding
     bf16 = fid.features(net, images, batch_size=4, precision="bf16")
     assert bf16.dtype == torch.float64 and not torch.equal(bf16, fp32)  # bf16 did compute
     assert (bf16 - fp32).norm() < 0.05 * fp32.norm()
