@@ -211,6 +211,25 @@ def check_path_flags(args):
             raise UserError(f"{flag} {path}: {problem}")
 
 
+# The ways out that lower layers name (util.UserError's remedy), worded with this tool's flags.
+REMEDIES = {
+    "checkpoint_in_use": "wait for it to end, or give another --checkpoint",
+    "refit_prior": "fit it again with --fit_prior {prior} --checkpoint {path}",
+    "fit_prior": "fit it with python VanVAE.py --fit_prior {prior} --checkpoint {path}",
+    "weights_only": "it still samples and evaluates (--sample, --eval), or train anew",
+    "fewer_components": "try fewer --prior_components",
+    "more_test_images": "a test/ folder, or a larger --test_fraction, gives it some",
+    "one_image_size": "give an image size N (--image_size N) to resize and centre-crop every one to N x N",
+}
+
+
+def error_words(e):
+    """A UserError as the command line prints it: a value named by its field is named by its
+    flag (util.BadValue), and each remedy is worded with the flags it needs."""
+    remedies = "".join(f"; {REMEDIES[what].format(**values)}" for what, values in e.remedies)
+    return f"{'--' if isinstance(e, util.BadValue) else ''}{e}{remedies}"
+
+
 def rank_words():
     """' (rank N)' under torchrun, which announces the rank in the environment; else ''."""
     return f" (rank {os.environ.get('RANK', '0')})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
@@ -236,9 +255,7 @@ def main(argv=None):
         getattr(modes, f"run_{mode}")(args)
     except UserError as e:
         if os.environ.get("RANK", "0") == "0" or e.this_rank_only:  # each problem said once
-            # A value named by its field is named by its flag here (util.BadValue).
-            print(f"VanVAE.py: error{rank_words()}: {'--' if isinstance(e, util.BadValue) else ''}{e}",
-                  file=sys.stderr)
+            print(f"VanVAE.py: error{rank_words()}: {error_words(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"VanVAE.py: --{mode} interrupted{rank_words()}"

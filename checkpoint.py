@@ -26,7 +26,7 @@ import torch
 
 import priors as latent_priors
 from settings import MAX_WIDTH, TrainingRecord, field_problem, value_problem, with_floats
-from util import UserError, atomic_torch_save, first_line, load_torch_file
+from util import BadValue, UserError, atomic_torch_save, first_line, load_torch_file
 from vae import VAEConfig, VanillaVAE
 
 FORMAT_VERSION = 2
@@ -121,8 +121,8 @@ def _lock(lock_path, path):
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise UserError(f"{path} is in use by another VanVAE run (process {holder}): wait for "
-                            "it to end, or give another --checkpoint") from None
+            raise UserError(f"{path} is in use by another VanVAE run (process {holder})",
+                            remedy=("checkpoint_in_use", {})) from None
         try:
             same_file = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
         except FileNotFoundError:
@@ -180,8 +180,8 @@ def _checked_priors(fitted, config, path):
             if state.get("dataset", config.dataset) != config.dataset:
                 raise ValueError(f"it was fitted on {state['dataset']}, the model's dataset is {config.dataset}")
         except ValueError as e:
-            raise UserError(f"{path} holds a malformed {name} prior ({first_line(e)}): fit it again "
-                            f"with --fit_prior {name} --checkpoint {path}") from None
+            raise UserError(f"{path} holds a malformed {name} prior ({first_line(e)})",
+                            remedy=("refit_prior", {"prior": name, "path": path})) from None
     return dict(fitted)
 
 
@@ -200,9 +200,9 @@ def check_matches(ckpt, dataset=None, image_shape=None):
     (either may be None: not checked)."""
     config = ckpt.model.config
     if dataset is not None and dataset != config.dataset:
-        raise UserError(f"{ckpt.path} was trained on {config.dataset}, not --dataset {dataset}")
+        raise BadValue("dataset", f"{dataset}: {ckpt.path} was trained on {config.dataset}")
     if image_shape is not None and tuple(image_shape) != config.image_shape:
-        raise UserError(f"{ckpt.path} is for {config.image_shape} images, but --dataset/--image_size "
+        raise UserError(f"{ckpt.path} is for {config.image_shape} images, but the dataset and image size "
                         f"give {tuple(image_shape)}")
 
 
@@ -329,12 +329,11 @@ def resume_state(ckpt):
         missing.append("training")
     if missing:
         raise UserError(f"{ckpt.path} holds weights but not the training state to resume "
-                        f"(missing {', '.join(missing)}); use it with --sample, or train anew")
+                        f"(missing {', '.join(missing)})", remedy=("weights_only", {}))
     for key, (is_valid, words) in PROGRESS_RULES.items():
         if key in ckpt.progress and not is_valid(ckpt.progress[key]):
             raise UserError(f"{ckpt.path} holds a malformed training state: {key} must be {words}, "
-                            f"not {type(ckpt.progress[key]).__name__}; it still samples and evaluates "
-                            "(--sample, --eval), or train anew")
+                            f"not {type(ckpt.progress[key]).__name__}", remedy=("weights_only", {}))
     entries = ckpt.progress
     return TrainingState(entries["optimizer"], entries["epoch"], entries["step"], list(entries["history"]),
                          entries["partial"], entries["rng"]["shuffle_at_epoch_start"], entries["rng"]["noise"],

@@ -209,8 +209,7 @@ def load_test_images(dataset, data_dir, image_size=None, n_images=None, shape=No
     else:
         _, images, labels, _ = load_splits(dataset, data_dir, image_size, own_images)
     if images.shape[0] == 0:
-        raise UserError(f"{dataset} has no test images (a test/ folder, or a larger --test_fraction, "
-                        "gives it some)")
+        raise UserError(f"{dataset} has no test images", remedy=("more_test_images", {}))
     images, labels = images[:n_images], labels[:n_images]
     if shape is not None:
         images = match_shape(images, shape)

@@ -8,7 +8,7 @@ import time
 import data
 import util
 from progress import Progress
-from util import UserError
+from util import BadValue, UserError
 
 
 class GMMAfterTraining:
@@ -37,8 +37,8 @@ class GMMAfterTraining:
             return fitted_priors(model, self.record, ["gmm"], self.train_images, self.n_components,
                                  self.max_codes, automatic=True)
         except UserError as e:
-            raise UserError(f"{e}; {self.path} holds the trained weights without the prior: fit it "
-                            f"with python VanVAE.py --fit_prior gmm --checkpoint {self.path}") from None
+            raise e.extended(f"; {self.path} holds the trained weights without the prior",
+                             remedy=("fit_prior", {"prior": "gmm", "path": self.path})) from None
 
 
 def fitted_priors(model, record, names, train_images, n_components, n_gmm_codes, automatic=False):
@@ -70,7 +70,7 @@ def fitted_priors(model, record, names, train_images, n_components, n_gmm_codes,
                     fitted[name] = priors.fit_gmm(codes, k, seed, fitted_on, n_fit[name], bar.update)
                 if not fitted[name]["em_converged"]:
                     raise UserError(f"the gmm prior's EM did not converge in {priors.GMM_MAX_ITERATIONS} "
-                                    "iterations (try fewer --prior_components)")
+                                    "iterations", remedy=("fewer_components", {}))
                 how = f"{k} full-covariance component{'' if k == 1 else 's'}, EM"
             elif name == "two_stage":
                 with Progress("two-stage prior", priors.TWO_STAGE_EPOCHS, "epoch") as bar:
@@ -83,8 +83,8 @@ def fitted_priors(model, record, names, train_images, n_components, n_gmm_codes,
                        f"{fitted[name]['mean_log_likelihood_nats']:.1f} nats per code")
         except ValueError as e:
             if name == "gmm" and n_components > n_fit[name]:
-                raise UserError(f"--prior_components {n_components} is more than the {n_fit[name]} "
-                                "training images the mixture is fitted to") from None
+                raise BadValue("prior_components", f"{n_components} is more than the {n_fit[name]} "
+                               "training images the mixture is fitted to") from None
             raise UserError(f"could not fit the {name} prior: {util.first_line(e)}") from None
         print(f"fitted the {name} prior ({how}) to {fitted_on} in {time.perf_counter() - start:.1f} s "
               f"(encoding them took {encode_s:.1f} s)", flush=True)

@@ -48,9 +48,8 @@ def mixed_sizes_error(where, sizes):
     listed = ", ".join(f"{w}x{h} ({n} image{'s' if n > 1 else ''})"
                        for (w, h), n in sizes.most_common(3))
     more = f", and {len(sizes) - 3} more" if len(sizes) > 3 else ""
-    return UserError(f"{where}: the images come in {len(sizes)} sizes (width x height): "
-                     f"{listed}{more}; give an image size N (--image_size N) to resize and "
-                     f"centre-crop every one to N x N")
+    return UserError(f"{where}: the images come in {len(sizes)} sizes (width x height): {listed}{more}",
+                     remedy=("one_image_size", {}))
 
 
 

@@ -242,7 +242,7 @@ def run_fit_prior(args):
             fitted = fitting.fitted_priors(ckpt.model, ckpt.training, [args.fit_prior], train_images,
                                    args.prior_components, args.prior_codes)
         except UserError as e:
-            raise UserError(f"{e}: nothing was saved into {path}") from None
+            raise e.extended(f": nothing was saved into {path}") from None
         checkpoint.save_priors(ckpt, fitted)
         print(f"saved {', '.join(fitted)} into {path}", flush=True)
 

@@ -354,8 +354,8 @@ def train(model, train_images, test_images, settings, resume=None, finish=None):
                 step_fn.scaler.load_state_dict(resume.scaler)
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
             raise UserError(f"{settings.checkpoint_path} holds a training state that does not fit its "
-                            f"model (optimizer, rng or scaler: {first_line(e)}); it still samples and "
-                            "evaluates, or train anew") from None
+                            f"model (optimizer, rng or scaler: {first_line(e)})",
+                            remedy=("weights_only", {})) from None
         state.update(epoch=resume.epoch, step=resume.step, history=list(resume.history), partial=resume.partial)
     # A fixed prior draw, so the sample grids of successive epochs are comparable.
     fixed_z = torch.randn((settings.run.num_samples, model.config.latent_dim),

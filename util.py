@@ -21,11 +21,23 @@ class UserError(Exception):
 
     The command line prints it as one line and exits with status 2. Under torchrun every
     process meets the same problem and rank 0 alone prints it, unless `this_rank_only` says
-    it arose in this process alone (then this process prints it)."""
+    it arose in this process alone (then this process prints it). `remedy`, (what to do, {its
+    values}), names a way out that the caller words: the command line with its flags
+    (VanVAE.REMEDIES), so that lower layers speak of values only."""
 
-    def __init__(self, message, this_rank_only=False):
+    def __init__(self, message, this_rank_only=False, remedy=None):
         super().__init__(message)
         self.this_rank_only = this_rank_only
+        self.remedies = [] if remedy is None else [remedy]
+
+    def extended(self, words, remedy=None):
+        """The same error, of the same class, with `words` after its message and `remedy`
+        after its remedies: a caller adds what it knows without losing what was known."""
+        error = self.__class__.__new__(self.__class__)
+        error.__dict__.update(self.__dict__)
+        error.args = (f"{self}{words}",)
+        error.remedies = self.remedies + ([] if remedy is None else [remedy])
+        return error
 
 
 class BadValue(UserError):

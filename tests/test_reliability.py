@@ -341,22 +341,25 @@ def test_a_weights_only_checkpoint_samples_but_does_not_resume(capsys, tmp_path,
                             "--checkpoint", path, "--output_dir", tmp_path)
     assert_one_line_error(code, err, "not the training state to resume", "--sample")
     assert snapshot(tmp_path) == before
+    with pytest.raises(util.UserError) as caught:  # as a notebook meets it: in words about values
+        checkpoint.resume_state(checkpoint.load(path))
+    assert "not the training state to resume" in str(caught.value) and "--" not in str(caught.value)
     code, out, err = run_main(capsys, "--sample", "--checkpoint", path, "--output_dir", tmp_path,
                               "--num_samples", 2)
     assert code == 0, err
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--train", "--resume", "--dataset", "fashionmnist"], "was trained on mnist, not --dataset fashionmnist"),
-    (["--sample", "--dataset", "cifar10"], "was trained on mnist, not --dataset cifar10"),
-    (["--train", "--resume", "--dataset", "mnist", "--image_size", "32"], "mnist images are 28x28"),
+    (["--train", "--resume", "--dataset", "fashionmnist"], ("error: --dataset fashionmnist: ", "was trained on mnist")),
+    (["--sample", "--dataset", "cifar10"], ("error: --dataset cifar10: ", "was trained on mnist")),
+    (["--train", "--resume", "--dataset", "mnist", "--image_size", "32"], ("mnist images are 28x28",)),
 ])
 def test_a_checkpoint_that_contradicts_the_flags_is_refused(capsys, run_folder, small_data,
                                                             flags, words):
     before = snapshot(run_folder)
     code, _, err = run_main(capsys, *flags, "--checkpoint", run_folder / CHECKPOINT,
                             "--data_dir", small_data, "--output_dir", run_folder)
-    assert_one_line_error(code, err, words)
+    assert_one_line_error(code, err, *words)
     assert snapshot(run_folder) == before
 
 
@@ -526,3 +529,24 @@ def test_100000_samples_arrive_whole_in_small_memory(tmp_path, good_checkpoint):
         assert grid.size == (16 * 58 + 2, 16 * 58 + 2)
     # The samples themselves are 75 MiB of uint8; the libraries' own footprint is the rest.
     assert many_mib - few_mib < 256
+
+
+def test_every_remedy_a_lower_layer_names_is_worded_by_the_command_line():
+    """Lower layers name a way out by key (util.UserError's remedy); VanVAE.REMEDIES words each
+    with its flags. A key or a value missing from the table would end a run in a traceback."""
+    import re
+    import string
+    named = {}
+    for source in Path(VanVAE.__file__).parent.glob("*.py"):
+        for key, values in re.findall(r'remedy=\("(\w+)", \{([^}]*)\}\)', source.read_text()):
+            named.setdefault(key, set()).update(re.findall(r'"(\w+)":', values))
+    assert named and set(named) == set(VanVAE.REMEDIES)  # each named, and none worded for nothing
+    for key, values in named.items():
+        fields = {field for _, field, _, _ in string.Formatter().parse(VanVAE.REMEDIES[key]) if field}
+        assert fields == values, key
+        assert "--" in VanVAE.REMEDIES[key], key
+    error = util.BadValue("dataset", "mnist: x.pt was trained on cifar10").extended(
+        "; and more", remedy=("refit_prior", {"prior": "gmm", "path": "x.pt"}))
+    assert isinstance(error, util.BadValue) and "--" not in str(error)
+    assert VanVAE.error_words(error) == ("--dataset mnist: x.pt was trained on cifar10; and more; "
+                                         "fit it again with --fit_prior gmm --checkpoint x.pt")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fakedata import write_dataset
+from helpers import TINY_MODEL
 
 pytestmark = pytest.mark.long  # minutes of tiny epochs: the long tier (tests/conftest.py)
 
@@ -32,7 +33,7 @@ def open_fds():
     return len(os.listdir("/proc/self/fd"))
 
 data, out, warm, epochs, calls = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-tiny = ["--hidden_dims", "8", "16", "--latent_dim", "4", "--batch_size", "8", "--seed", "0", "--threads", "1"]
+tiny = json.loads(sys.argv[6])
 readings = []
 # The first `warm` epochs warm every cache (matplotlib's and Pillow's text caches fill over the
 # first ~200 saves, measured: +25 MiB between epochs 50 and 200, +0 between 200 and 300); the rest
@@ -56,8 +57,9 @@ def test_hundreds_of_saves_and_a_thousand_samples_keep_memory_and_descriptors_fl
     write_dataset("mnist", tmp_path / "data", n_train=16, n_test=8)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", SOAK, str(tmp_path / "data"), str(tmp_path / "out"),
-                             str(WARM_EPOCHS), str(EPOCHS), str(SAMPLE_CALLS)], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=1800)
+                             str(WARM_EPOCHS), str(EPOCHS), str(SAMPLE_CALLS),
+                             json.dumps([*TINY_MODEL, "--seed", "0", "--threads", "1"])],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     readings = json.loads(result.stdout.split("READINGS ", 1)[1])
     print("soak (phase, count, resident MiB, open fds):", readings)
