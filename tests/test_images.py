@@ -152,8 +152,9 @@ def test_mixed_sizes_without_image_size_name_the_sizes(tmp_path):
     numbered_pngs(tmp_path / "f", range(3), size=(8, 8))
     save(tmp_path / "f" / "odd.png", np.zeros((6, 10), np.uint8))
 
-    with pytest.raises(UserError, match=r"2 sizes .*8x8 \(3 images\), 10x6 \(1 image\).*image size"):
+    with pytest.raises(UserError, match=r"2 sizes .*8x8 \(3 images\), 10x6 \(1 image\)") as caught:
         images.load_source(tmp_path / "f")
+    assert caught.value.remedies == [("one_image_size", {})]  # the command line words it (test_own_images)
 
 
 def test_unreadable_images_are_skipped_with_one_warning(tmp_path, capsys):
