@@ -31,10 +31,11 @@ PRIORS = ("standard", "gmm", "two_stage", "flow")  # where z comes from when sam
 # Which fitted prior --sample and --eval use when --prior is not given: the first of these that
 # the checkpoint holds, best measured first (FID-10k, docs/RESULTS.md); standard always exists.
 PRIOR_PREFERENCE = ("gmm", "flow", "two_stage", "standard")
-# --prior_components and --prior_codes: 100 components fitted to 20,000 of the training codes, drawn
-# at random: FID-10k 30.48 over two seeds on Fashion-MNIST against 31.84 for 30 on 10,000, at a fit
-# of 15-20 s on 2 cores; all 60,000 codes gave 30.04, at 4.5 minutes (docs/RESULTS.md).
-GMM_COMPONENTS = 100
+# --prior_components and --prior_codes: 200 components fitted to 20,000 of the training codes, drawn
+# at random: FID-10k 29.69 over two seeds on Fashion-MNIST, against 30.48 for 100 components and
+# 31.84 for 30 on 10,000, at a fit of 15-16 s on 2 cores; 100 components on all 60,000 codes gave
+# 30.04, at 4.5 minutes (docs/RESULTS.md).
+GMM_COMPONENTS = 200
 GMM_CODES = 20_000
 LR_SCHEDULES = ("constant", "cosine")  # Adam's learning rate over the run (schedules.py)
 DEFAULT_HIDDEN_DIMS = (32, 64, 128, 256, 512)
@@ -306,7 +307,7 @@ class RunChoices:
                                    "seconds between progress lines; on a terminal a progress bar is "
                                    "shown instead (default: %(default)s)", type=nonnegative_float)
     prior_components: int = flag(GMM_COMPONENTS, "Gaussian components of the gmm prior (default: "
-                                 "%(default)s, measured better than 30 and Ghosh et al.'s 10 on "
+                                 "%(default)s, measured better than 100, 30 and Ghosh et al.'s 10 on "
                                  "Fashion-MNIST; docs/RESULTS.md)", type=positive_int)
     prior_codes: int = flag(GMM_CODES, "fit the gmm prior to this many training codes, drawn at random; "
                             "0 means all of them (default: %(default)s: EM's time grows with the "
