@@ -6,7 +6,7 @@ its own and copies each branch of every Inception block to NCHW (`.contiguous()`
 concatenating, so channels-last input is converted back and forth 11 times. Folding the batch
 norm into the convolution (y = conv(x, w / sqrt(var + eps)) + beta - mean / sqrt(var + eps);
 the file's gamma is 1) and concatenating the branches as they come gives the file's features to
-about 1e-6 of their largest, about 1.8x faster in fp32 on a 2-core CPU (docs/BENCHMARKS.md).
+about 1e-6 of their largest, about 2.2x faster in fp32 on a 2-core CPU (docs/BENCHMARKS.md).
 pytorch-fid and torch-fidelity each carry an eager copy of this network, but load its weights
 from the internet; this one reads the file already installed, so it stays offline."""
 
