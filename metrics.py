@@ -137,13 +137,22 @@ def _iw_log_likelihood(model, images, k, seed, max_decoded, device, on_progress)
     return torch.cat(out)
 
 
-@torch.no_grad()
-@torch.no_grad()
 def posterior_means(model, images, batch_size=500):
     """E[z|x] of every image, (N, latent_dim) float32 CPU."""
+    return posterior_moments(model, images, batch_size)[0]
+
+
+@torch.no_grad()
+def posterior_moments(model, images, batch_size=500):
+    """(E[z|x], the standard deviations of q(z|x)) of every image, each (N, latent_dim) float32
+    CPU, in one encoder pass."""
+    means, sds = [], []
     with eval_mode(model) as device:
-        return torch.cat([model.encode(model.model_input(to_float(images[part], device), u=0.5))[0].cpu()
-                          for part in _batches(images.shape[0], batch_size)])
+        for part in _batches(images.shape[0], batch_size):
+            mu, logvar = model.encode(model.model_input(to_float(images[part], device), u=0.5))
+            means.append(mu.float().cpu())
+            sds.append((0.5 * logvar.float()).exp().cpu())
+    return torch.cat(means), torch.cat(sds)
 
 
 @torch.no_grad()

@@ -8,8 +8,9 @@ records how and on what it was fitted. Three kinds:
              autoencoders"): a full-covariance Gaussian mixture fitted by EM to the
              training set's posterior means.
   two_stage  the two-stage VAE (Dai and Wipf 2019, "Diagnosing and enhancing VAE models"):
-             a small second VAE trained on the codes; u ~ N(0, I) -> its decoder's
-             mean -> z.
+             a small second VAE trained on the codes, each batch a fresh draw
+             mu + sigma * eps from their posteriors as Dai and Wipf train it (measured
+             better than the means, docs/RESULTS.md); u ~ N(0, I) -> its decoder's mean -> z.
   flow       a masked autoregressive flow (Papamakarios et al. 2017, MAF) fitted by maximum
              likelihood to the standardised posterior means; u ~ N(0, I) -> the flow's
              inverse -> z.
@@ -228,12 +229,21 @@ def _learning_rate(base, epoch, epochs):
 
 def fit_two_stage(codes, seed=0, fitted_on="", progress=None, width=TWO_STAGE_WIDTH,
                   depth=TWO_STAGE_DEPTH, epochs=TWO_STAGE_EPOCHS, batch_size=TWO_STAGE_BATCH_SIZE,
-                  learning_rate=TWO_STAGE_LEARNING_RATE):
+                  learning_rate=TWO_STAGE_LEARNING_RATE, code_sds=None):
     """Train Dai and Wipf 2019's second-stage VAE on `codes` (N, d): u has d dimensions, both
     networks are `depth` dense ReLU layers of `width` with a skip from the input to the output
     layer, and the decoder's variance gamma^2 is learned. Seeded: same seed, same state.
+    `code_sds` (N, d), the posterior standard deviations of the codes, if given: every batch is
+    a fresh draw codes + code_sds * eps from the stage-1 posteriors, as Dai and Wipf train it
+    (their demo.py), rather than the means themselves.
     `progress`, if given, is called after each epoch as progress(epochs done, status)."""
     codes = _checked_codes(codes).float()
+    if code_sds is not None:
+        code_sds = _checked_codes(code_sds).float()
+        if code_sds.shape != codes.shape:
+            raise ValueError(f"code_sds must have the codes' shape {tuple(codes.shape)}, not {tuple(code_sds.shape)}")
+        if (code_sds < 0).any():
+            raise ValueError("code_sds must be non-negative standard deviations")
     _checked_record(seed, fitted_on)
     for name, value in (("width", width), ("depth", depth), ("epochs", epochs),
                         ("batch_size", batch_size)):
@@ -250,7 +260,10 @@ def fit_two_stage(codes, seed=0, fitted_on="", progress=None, width=TWO_STAGE_WI
             group["lr"] = _learning_rate(learning_rate, epoch, epochs)
         order, loss_sum = torch.randperm(n_codes, generator=generator), 0.0
         for start in range(0, n_codes, batch_size):
-            batch = codes[order[start:start + batch_size]]
+            rows = order[start:start + batch_size]
+            batch = codes[rows]
+            if code_sds is not None:
+                batch = batch + code_sds[rows] * torch.randn(batch.shape, generator=generator)
             loss = _two_stage_loss(params, batch, depth, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -105,6 +105,27 @@ def test_two_stage_samples_match_the_codes_moments(two_stage_state):
     assert two_stage_state["decoder_gamma"] < 0.5  # gamma fell from 1: the decoder explains the codes
 
 
+def test_two_stage_fitted_to_posterior_samples_sees_their_spread(two_stage_state):
+    # Trained on fresh draws means + sds * eps (Dai and Wipf), not on the means: with every
+    # posterior's sd 0.5, the stage-2 decoder's learned noise gamma takes up that spread, and
+    # ends well above the fit to the means alone (0.61 against 0.36 when written).
+    means = correlated_codes()
+    state = priors.fit_two_stage(means, seed=0, fitted_on="correlated test codes", width=64, epochs=30,
+                                 batch_size=128, learning_rate=3e-3, code_sds=torch.full_like(means, 0.5))
+    assert 0.4 < state["decoder_gamma"] < 0.8
+    assert state["decoder_gamma"] > two_stage_state["decoder_gamma"] + 0.15
+    z = samples(state, 5000).double()
+    assert z.mean(0).numpy() == pytest.approx([1.0, -2.0], abs=0.15)
+
+
+def test_two_stage_refuses_sds_that_do_not_fit_the_codes():
+    codes = correlated_codes(100)
+    for sds, why in ((torch.ones(100, 3), "shape"), (-torch.ones(100, 2), "non-negative"),
+                     (torch.full((100, 2), float("nan")), "NaN")):
+        with pytest.raises(ValueError, match=why):
+            priors.fit_two_stage(codes, epochs=1, code_sds=sds)
+
+
 def test_flow_samples_put_the_modes_weights_where_the_codes_have_them(flow_state):
     z = samples(flow_state, 5000).double().numpy()
     nearest = np.linalg.norm(z[:, None, :] - TRUE_MEANS[None], axis=2).argmin(1)
