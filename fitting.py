@@ -1,13 +1,14 @@
-"""Latent priors fitted to a trained model: its training images encoded to posterior means,
-each prior fitted to them (priors.py) with its progress shown, and the states returned for the
-caller to save. --fit_prior calls this on a checkpoint; --train's loop on its final weights,
-before its final save (GMMAfterTraining)."""
+"""Latent priors fitted to a trained model: its training images encoded to their posteriors,
+each prior fitted to the means (the two-stage VAE to draws from the posteriors; priors.py) with
+its progress shown, and the states returned for the caller to save. --fit_prior calls this on
+a checkpoint; --train's loop on its final weights, before its final save (GMMAfterTraining)."""
 
 import time
 
 import data
 import util
 from progress import Progress
+from settings import GMM_CODES_PER_COMPONENT, GMM_COMPONENTS
 from util import BadValue, UserError
 
 
@@ -28,8 +29,8 @@ class GMMAfterTraining:
         (an overestimate: the test pass also decodes), then EM."""
         import priors
         if self.fit_seconds is None:
-            self.fit_seconds = priors.gmm_fit_seconds(self.n_codes, self.latent_dim,
-                                                      min(self.n_components, self.n_codes))
+            self.fit_seconds = priors.gmm_fit_seconds(self.n_codes, self.latent_dim, min(
+                gmm_components(self.n_codes, self.n_components), self.n_codes))
         return self.train_images.shape[0] * encode_seconds_per_image + self.fit_seconds
 
     def __call__(self, model):
@@ -41,31 +42,41 @@ class GMMAfterTraining:
                              remedy=("fit_prior", {"prior": "gmm", "path": self.path})) from None
 
 
+def gmm_components(n_codes, n_components=None):
+    """The gmm prior's components for `n_codes` codes: `n_components` where given, else the
+    default, one per GMM_CODES_PER_COMPONENT codes where that is fewer (at least one)."""
+    if n_components is not None:
+        return n_components
+    return max(1, min(GMM_COMPONENTS, n_codes // GMM_CODES_PER_COMPONENT))
+
+
 def fitted_priors(model, record, names, train_images, n_components, n_gmm_codes, automatic=False):
-    """{name: state} of the named priors fitted to the posterior means of the training images
-    (the gmm to `n_gmm_codes` of them drawn at random, 0 meaning all), each with the progress it
-    makes shown. record: the checkpoint's TrainingRecord (None: weights only). automatic: after
-    --train, where a small training set lowers the number of GMM components instead of failing
-    a finished run."""
+    """{name: state} of the named priors fitted to the training images' codes (the gmm to
+    `n_gmm_codes` of them drawn at random, 0 meaning all, with `n_components`, None meaning
+    gmm_components' default), each with the progress it makes shown. record: the checkpoint's
+    TrainingRecord (None: weights only). automatic: after --train, where a small training set
+    lowers a given number of GMM components instead of failing a finished run."""
     import metrics
     import priors
     images = data.binarize_fixed(train_images) if record is not None and record.binarize else train_images
     start = time.perf_counter()
-    codes = metrics.posterior_means(model, images)
+    codes, code_sds = metrics.posterior_moments(model, images)
     encode_s = time.perf_counter() - start
     n_codes, dataset = codes.shape[0], model.config.dataset
     n_fit = {"gmm": min(n_gmm_codes or n_codes, n_codes), "two_stage": n_codes, "flow": n_codes}
     seed = record.seed if record is not None else 0
     fitted = {}
     for name in names:
-        fitted_on = (f"posterior means of {'the ' if n_fit[name] == n_codes else ''}{n_fit[name]}"
+        what = "posterior samples" if name == "two_stage" else "posterior means"
+        fitted_on = (f"{what} of {'the ' if n_fit[name] == n_codes else ''}{n_fit[name]}"
                      f"{'' if n_fit[name] == n_codes else f' (drawn at random) of the {n_codes}'} "
                      f"{dataset} training images")
         print(f"fitting the {name} prior to the {fitted_on} ...", flush=True)
         start = time.perf_counter()
         try:
             if name == "gmm":
-                k = min(n_components, n_fit[name]) if automatic else n_components
+                k = gmm_components(n_fit[name], n_components)
+                k = min(k, n_fit[name]) if automatic else k
                 with Progress("gmm prior, EM", None, "iteration") as bar:
                     fitted[name] = priors.fit_gmm(codes, k, seed, fitted_on, n_fit[name], bar.update)
                 if not fitted[name]["em_converged"]:
@@ -74,7 +85,7 @@ def fitted_priors(model, record, names, train_images, n_components, n_gmm_codes,
                 how = f"{k} full-covariance component{'' if k == 1 else 's'}, EM"
             elif name == "two_stage":
                 with Progress("two-stage prior", priors.TWO_STAGE_EPOCHS, "epoch") as bar:
-                    fitted[name] = priors.fit_two_stage(codes, seed, fitted_on, bar.update)
+                    fitted[name] = priors.fit_two_stage(codes, seed, fitted_on, bar.update, code_sds=code_sds)
                 how = "a second VAE on the codes (Dai and Wipf 2019)"
             else:
                 with Progress("flow prior", priors.FLOW_EPOCHS, "epoch") as bar:
@@ -82,7 +93,7 @@ def fitted_priors(model, record, names, train_images, n_components, n_gmm_codes,
                 how = (f"a masked autoregressive flow of {priors.FLOW_TRANSFORMS} transforms, "
                        f"{fitted[name]['mean_log_likelihood_nats']:.1f} nats per code")
         except ValueError as e:
-            if name == "gmm" and n_components > n_fit[name]:
+            if name == "gmm" and n_components is not None and n_components > n_fit[name]:
                 raise BadValue("prior_components", f"{n_components} is more than the {n_fit[name]} "
                                "training images the mixture is fitted to") from None
             raise UserError(f"could not fit the {name} prior: {util.first_line(e)}") from None

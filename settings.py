@@ -31,12 +31,14 @@ PRIORS = ("standard", "gmm", "two_stage", "flow")  # where z comes from when sam
 # Which fitted prior --sample and --eval use when --prior is not given: the first of these that
 # the checkpoint holds, best measured first (FID-10k, docs/RESULTS.md); standard always exists.
 PRIOR_PREFERENCE = ("gmm", "flow", "two_stage", "standard")
-# --prior_components and --prior_codes: 200 components fitted to 20,000 of the training codes, drawn
-# at random: FID-10k 29.69 over two seeds on Fashion-MNIST, against 30.48 for 100 components and
-# 31.84 for 30 on 10,000, at a fit of 15-16 s on 2 cores; 100 components on all 60,000 codes gave
-# 30.04, at 4.5 minutes (docs/RESULTS.md).
-GMM_COMPONENTS = 200
+# --prior_components and --prior_codes: 400 components fitted to 20,000 of the training codes, drawn
+# at random: FID-10k 29.25 over two seeds on Fashion-MNIST after 100 epochs, against 29.69 for 200
+# components, 30.48 for 100 and 31.84 for 30 on 10,000; 45.97 against 46.38 for 200 after 10 epochs
+# (bf16 Inception); a fit of 27-53 s on 2 cores (docs/RESULTS.md). Fewer codes get one component
+# per GMM_CODES_PER_COMPONENT: with fewer per component, samples start to repeat the codes.
+GMM_COMPONENTS = 400
 GMM_CODES = 20_000
+GMM_CODES_PER_COMPONENT = GMM_CODES // GMM_COMPONENTS  # 50
 LR_SCHEDULES = ("constant", "cosine")  # Adam's learning rate over the run (schedules.py)
 DEFAULT_HIDDEN_DIMS = (32, 64, 128, 256, 512)
 TEST_FRACTION = 0.05  # --test_fraction: the share of the user's own images held out for test
@@ -306,9 +308,11 @@ class RunChoices:
     progress_seconds: float = flag(30.0, "when the output is not a terminal (a log file, a batch job): "
                                    "seconds between progress lines; on a terminal a progress bar is "
                                    "shown instead (default: %(default)s)", type=nonnegative_float)
-    prior_components: int = flag(GMM_COMPONENTS, "Gaussian components of the gmm prior (default: "
-                                 "%(default)s, measured better than 100, 30 and Ghosh et al.'s 10 on "
-                                 "Fashion-MNIST; docs/RESULTS.md)", type=positive_int)
+    prior_components: int | None = flag(
+        None, f"Gaussian components of the gmm prior (default: none, meaning {GMM_COMPONENTS}, or one per "
+        f"{GMM_CODES_PER_COMPONENT} codes it is fitted to where they are fewer than {GMM_CODES:,}; "
+        f"{GMM_COMPONENTS} measured better than 200, 100, 30 and Ghosh et al.'s 10 on Fashion-MNIST; "
+        "docs/RESULTS.md)", type=positive_int)
     prior_codes: int = flag(GMM_CODES, "fit the gmm prior to this many training codes, drawn at random; "
                             "0 means all of them (default: %(default)s: EM's time grows with the "
                             "count; docs/RESULTS.md measures what fewer cost)", type=nonnegative_int)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import checkpoint
-import VanVAE
+import fitting
 from fakedata import write_dataset
 from helpers import (
     TINY_MODEL,
@@ -41,9 +41,9 @@ def copy_of(trained, tmp_path):
 def test_training_stores_a_gmm_prior_that_loads_weights_only(trained):
     raw = torch.load(trained[1], weights_only=True)
     state = raw["priors"]["gmm"]
-    # The default number of components, lowered to the 48 training images where it is more.
-    default_components = min(VanVAE.build_parser().get_default("prior_components"), 48)
-    assert state["kind"] == "gmm" and state["n_components"] == default_components and state["n_codes"] == 48
+    # The default number of components is one per 50 codes where they are fewer than 20,000:
+    # one for the 48 training images (200 would repeat them, one component per code).
+    assert state["kind"] == "gmm" and state["n_components"] == 1 and state["n_codes"] == 48
     assert state["dataset"] == "mnist" and "48 mnist training images" in state["fitted_on"]
     assert set(checkpoint.load(trained[1]).priors) == {"gmm"}
 
@@ -195,3 +195,8 @@ def test_sample_quality_flags_that_cannot_work_are_refused_at_once(capsys, tmp_p
     code, _, err = run_main(capsys, *flags, "--checkpoint", tmp_path / "none.pt", "--output_dir", tmp_path)
     assert_one_line_error(code, err, words)
     assert snapshot(tmp_path) == {}
+
+
+def test_the_default_number_of_components_follows_the_number_of_codes():
+    assert [fitting.gmm_components(n) for n in (60_000, 20_000, 5_000, 1_000, 49, 48)] == [400, 400, 100, 20, 1, 1]
+    assert fitting.gmm_components(48, 7) == 7  # a count given is the count used
