@@ -57,17 +57,18 @@ FLOW_MIN_SCALE = 1e-3  # floor of the per-dimension standard deviation the codes
 
 # ---------------------------------------------------------------- codes
 
-def _checked_codes(codes):
-    """(N, d) codes as a float64 CPU tensor, or a ValueError."""
+def _checked_codes(codes, name="codes"):
+    """(N, d) codes (or another such array, called `name` in errors) as a float64 CPU tensor,
+    or a ValueError."""
     codes = torch.as_tensor(codes).detach().cpu()
     if codes.dim() != 2 or codes.shape[0] < 2 or codes.shape[1] < 1:
-        raise ValueError(f"codes must be an (N, latent_dim) array with N >= 2, "
+        raise ValueError(f"{name} must be an (N, latent_dim) array with N >= 2, "
                          f"not shape {tuple(codes.shape)}")
     if not codes.is_floating_point():
-        raise ValueError(f"codes must be floating point, not {codes.dtype}")
+        raise ValueError(f"{name} must be floating point, not {codes.dtype}")
     codes = codes.double()
     if not torch.isfinite(codes).all():
-        raise ValueError("codes contain NaN or infinite values")
+        raise ValueError(f"{name} contain NaN or infinite values")
     return codes
 
 
@@ -239,7 +240,7 @@ def fit_two_stage(codes, seed=0, fitted_on="", progress=None, width=TWO_STAGE_WI
     `progress`, if given, is called after each epoch as progress(epochs done, status)."""
     codes = _checked_codes(codes).float()
     if code_sds is not None:
-        code_sds = _checked_codes(code_sds).float()
+        code_sds = _checked_codes(code_sds, "code_sds").float()
         if code_sds.shape != codes.shape:
             raise ValueError(f"code_sds must have the codes' shape {tuple(codes.shape)}, not {tuple(code_sds.shape)}")
         if (code_sds < 0).any():
