@@ -63,11 +63,13 @@ def fitted_priors(model, record, names, train_images, n_components, n_gmm_codes,
     codes, code_sds = metrics.posterior_moments(model, images)
     encode_s = time.perf_counter() - start
     n_codes, dataset = codes.shape[0], model.config.dataset
-    n_fit = {"gmm": min(n_gmm_codes or n_codes, n_codes), "two_stage": n_codes, "flow": n_codes}
+    n_fit = {"gmm": min(n_gmm_codes or n_codes, n_codes), "two_stage": n_codes, "flow": n_codes,
+             "riemannian": n_codes}
     seed = record.seed if record is not None else 0
     fitted = {}
     for name in names:
-        what = "posterior samples" if name == "two_stage" else "posterior means"
+        what = {"two_stage": "posterior samples",
+                "riemannian": "posterior means and standard deviations"}.get(name, "posterior means")
         fitted_on = (f"{what} of {'the ' if n_fit[name] == n_codes else ''}{n_fit[name]}"
                      f"{'' if n_fit[name] == n_codes else f' (drawn at random) of the {n_codes}'} "
                      f"{dataset} training images")
@@ -87,6 +89,10 @@ def fitted_priors(model, record, names, train_images, n_components, n_gmm_codes,
                 with Progress("two-stage prior", priors.TWO_STAGE_EPOCHS, "epoch") as bar:
                     fitted[name] = priors.fit_two_stage(codes, seed, fitted_on, bar.update, code_sds=code_sds)
                 how = "a second VAE on the codes (Dai and Wipf 2019)"
+            elif name == "riemannian":  # k-means on the codes: seconds, no progress to show
+                fitted[name] = priors.fit_riemannian(codes, code_sds, seed, fitted_on)
+                how = (f"a metric of {fitted[name]['n_centroids']} centroids, HMC when sampling "
+                       "(Chadebec and Allassonnière 2022)")
             else:
                 with Progress("flow prior", priors.FLOW_EPOCHS, "epoch") as bar:
                     fitted[name] = priors.fit_flow(codes, seed, fitted_on, bar.update)

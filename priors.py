@@ -14,6 +14,8 @@ records how and on what it was fitted. Three kinds:
   flow       a masked autoregressive flow (Papamakarios et al. 2017, MAF) fitted by maximum
              likelihood to the standardised posterior means; u ~ N(0, I) -> the flow's
              inverse -> z.
+  riemannian Chadebec and Allassonnière 2022's sampler: HMC on a Riemannian metric built from
+             the posterior means and standard deviations (riemannian.py).
 Codes in, states and latents out: this file never touches images, datasets or files (the
 caller encodes the codes, e.g. with metrics.posterior_means, and saves the state). Errors are
 ValueErrors, one line each, for the command line to word."""
@@ -24,6 +26,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+import riemannian
 from settings import GMM_COMPONENTS, PRIORS  # noqa: F401 (priors.PRIORS; torch-free for the command line)
 
 # Ghosh et al.'s published code: sklearn's GaussianMixture, full covariances, 10 components,
@@ -367,12 +370,32 @@ def _sample_flow(state, n, generator, device):
     return x * state["scale"].to(device) + state["shift"].to(device)
 
 
+# ---------------------------------------------------------------- Riemannian sampler
+
+def fit_riemannian(codes, code_sds, seed=0, fitted_on="", n_centroids=riemannian.CENTROIDS):
+    """Chadebec and Allassonnière 2022's sampler (riemannian.py) for posterior means `codes`
+    (N, d) and their posterior standard deviations `code_sds` (N, d), seeded."""
+    codes = _checked_codes(codes)
+    code_sds = _checked_codes(code_sds, "code_sds")
+    _checked_record(seed, fitted_on)
+    if code_sds.shape != codes.shape:
+        raise ValueError(f"code_sds must have the codes' shape {tuple(codes.shape)}, not {tuple(code_sds.shape)}")
+    if (code_sds <= 0).any():
+        raise ValueError("code_sds must be positive")
+    if isinstance(n_centroids, bool) or not isinstance(n_centroids, int) or n_centroids < 2:
+        raise ValueError(f"n_centroids must be an integer of at least 2, not {n_centroids!r}")
+    return {"kind": "riemannian", "latent_dim": codes.shape[1], "n_codes": codes.shape[0], "seed": seed,
+            "fitted_on": fitted_on, **riemannian.fit(codes, code_sds, seed, n_centroids)}
+
+
 # ---------------------------------------------------------------- checking and sampling
 
 _REQUIRED_KEYS = {"standard": ("latent_dim",),
                   "gmm": ("latent_dim", "n_components", "weights", "means", "covariances"),
                   "two_stage": ("latent_dim", "width", "depth", "decoder"),
-                  "flow": ("latent_dim", "transforms", "hidden", "shift", "scale", "flow")}
+                  "flow": ("latent_dim", "transforms", "hidden", "shift", "scale", "flow"),
+                  "riemannian": ("latent_dim", "centroids", "inverse_variances", "start_codes",
+                                 *riemannian.NUMBERS)}
 
 
 def _check_tensor(state, key, shape):
@@ -457,6 +480,8 @@ def check_prior(state, latent_dim):
         _check_two_stage(state, latent_dim)
     elif state["kind"] == "flow":
         _check_flow(state, latent_dim)
+    elif state["kind"] == "riemannian":
+        riemannian.check(state, latent_dim, _check_tensor, _check_positive_int)
 
 
 def sample_latents(state, n, generator=None, device="cpu", latent_dim=None):
@@ -480,6 +505,8 @@ def sample_latents(state, n, generator=None, device="cpu", latent_dim=None):
         z = _sample_two_stage(state, n, generator, draw_device)
     elif state["kind"] == "flow":
         z = _sample_flow(state, n, generator, draw_device)
+    elif state["kind"] == "riemannian":
+        z = riemannian.sample(state, n, generator, draw_device)
     else:
         z = torch.randn((n, state["latent_dim"]), generator=generator, device=draw_device)
     return z.to(device=device, dtype=torch.float32)

@@ -53,6 +53,17 @@ def flow_state():
     return fit_small_flow()
 
 
+def mixture_sds(codes, seed=0):
+    """Posterior standard deviations for mixture_codes: 0.2-0.5, one per code and dimension."""
+    return 0.2 + 0.3 * torch.rand(codes.shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def riemannian_state():
+    codes = mixture_codes()
+    return priors.fit_riemannian(codes, mixture_sds(codes), seed=0, fitted_on="mixture test codes")
+
+
 def samples(state, n=2000, seed=0, **kwargs):
     return priors.sample_latents(state, n, generator=torch.Generator().manual_seed(seed), **kwargs)
 
@@ -175,6 +186,39 @@ def test_gmm_refuses_impossible_component_counts(n_components):
         priors.fit_gmm(mixture_codes(), n_components=n_components)
 
 
+def test_riemannian_samples_stay_in_the_codes_modes_without_copying_the_codes(riemannian_state):
+    codes = mixture_codes()
+    z = samples(riemannian_state, 1000).double()
+    distance_to_modes = torch.cdist(z, torch.from_numpy(TRUE_MEANS))
+    assert (distance_to_modes.min(1).values < 3).double().mean() > 0.97  # the modes' scales are 0.5-1
+    shares = torch.bincount(distance_to_modes.argmin(1), minlength=3).double() / z.shape[0]
+    assert torch.allclose(shares, torch.from_numpy(TRUE_WEIGHTS), atol=0.05)
+    # every chain moved off the code it started from (HMC, not a resampling of the codes)
+    assert (torch.cdist(z, codes.double()).min(1).values > 1e-3).double().mean() > 0.99
+
+
+def test_riemannian_gradient_is_that_of_its_log_density(riemannian_state):
+    import riemannian
+    metric = riemannian._Metric(riemannian_state, "cpu")
+    z = (torch.from_numpy(TRUE_MEANS) + torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+         ).requires_grad_()
+    metric.log_density(z).sum().backward()
+    assert torch.allclose(metric.gradient(z.detach()), z.grad, rtol=1e-9, atol=1e-9)
+    assert z.grad.abs().max() > 1e-3  # the metric is not flat where the codes are
+
+
+def test_riemannian_refuses_sds_that_do_not_fit_the_codes():
+    codes = correlated_codes(100)
+    for sds, why in ((torch.ones(100, 3), "shape"), (torch.zeros(100, 2), "positive"),
+                     (torch.full((100, 2), float("nan")), "code_sds contain NaN")):
+        with pytest.raises(ValueError, match=why):
+            priors.fit_riemannian(codes, sds)
+    with pytest.raises(ValueError, match="distinct"):
+        priors.fit_riemannian(torch.ones(20, 2), torch.ones(20, 2))
+    with pytest.raises(ValueError, match="n_centroids"):
+        priors.fit_riemannian(codes, torch.ones(100, 2), n_centroids=1)
+
+
 @pytest.mark.parametrize("codes", [torch.zeros(10), torch.zeros(1, 3), torch.full((5, 2), math.nan),
                                    torch.zeros(5, 2, dtype=torch.int64)])
 def test_fits_refuse_malformed_codes(codes):
@@ -184,6 +228,8 @@ def test_fits_refuse_malformed_codes(codes):
         priors.fit_two_stage(codes, epochs=1)
     with pytest.raises(ValueError, match="codes"):
         priors.fit_flow(codes, epochs=1)
+    with pytest.raises(ValueError, match="codes"):
+        priors.fit_riemannian(codes, torch.ones(codes.shape))
 
 
 @pytest.mark.parametrize("record", [{"seed": -1}, {"seed": 1.5}, {"seed": 2**32}, {"fitted_on": None}])
@@ -191,22 +237,24 @@ def test_fits_refuse_a_bad_seed_or_description(record):
     for fit in (priors.fit_gmm, priors.fit_two_stage, priors.fit_flow):
         with pytest.raises(ValueError, match="seed|fitted_on"):
             fit(correlated_codes(50), **record)
+    with pytest.raises(ValueError, match="seed|fitted_on"):
+        priors.fit_riemannian(correlated_codes(50), torch.ones(50, 2), **record)
 
 
 # ---------------------------------------------------------------- sampling
 
-@pytest.mark.parametrize("kind", ["gmm", "two_stage", "flow", "standard"])
-def test_samples_are_seeded(kind, gmm_state, two_stage_state, flow_state):
+@pytest.mark.parametrize("kind", ["gmm", "two_stage", "flow", "riemannian", "standard"])
+def test_samples_are_seeded(kind, gmm_state, two_stage_state, flow_state, riemannian_state):
     state = {"gmm": gmm_state, "two_stage": two_stage_state, "flow": flow_state,
-             "standard": priors.standard_prior(3)}[kind]
+             "riemannian": riemannian_state, "standard": priors.standard_prior(3)}[kind]
     a, b, other = samples(state, 50, seed=1), samples(state, 50, seed=1), samples(state, 50, seed=2)
     assert a.shape == (50, state["latent_dim"]) and a.dtype == torch.float32
     assert torch.equal(a, b)
     assert not torch.equal(a, other)
 
 
-def test_state_survives_a_weights_only_round_trip(gmm_state, two_stage_state, flow_state):
-    for state in (gmm_state, two_stage_state, flow_state):
+def test_state_survives_a_weights_only_round_trip(gmm_state, two_stage_state, flow_state, riemannian_state):
+    for state in (gmm_state, two_stage_state, flow_state, riemannian_state):
         loaded = round_trip(state)
         assert_same_state(state, loaded)
         assert torch.equal(samples(state, 100), samples(loaded, 100))
@@ -304,6 +352,26 @@ def test_check_prior_rejects_malformed_two_stage(two_stage_state):
     for state, message in cases:
         with pytest.raises(ValueError, match=message):
             priors.check_prior(state, 2)
+
+
+def test_check_prior_rejects_malformed_riemannian(riemannian_state):
+    state = round_trip(riemannian_state)
+    priors.check_prior(state, 4)
+    k = state["n_centroids"]
+    cases = [(broken(state, inverse_variances=-state["inverse_variances"]), "inverse_variances must be positive"),
+             (broken(state, centroids=state["centroids"][:, :3]), "centroids"),
+             (broken(state, n_centroids=k + 1), "centroids"),
+             (broken(state, start_codes=state["start_codes"][:, :3]), "start_codes"),
+             (broken(state, start_codes=torch.zeros(0, 4)), "start_codes"),
+             (broken(state, temperature=0.0), "temperature"),
+             (broken(state, step_size=1), "step_size"),
+             (broken(state, hmc_iterations=0), "hmc_iterations"),
+             (broken(state, ridge=None), "missing ridge")]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message):
+            priors.check_prior(bad, 4)
+    with pytest.raises(ValueError, match="not the model's 5"):
+        priors.check_prior(state, 5)
 
 
 def test_check_prior_rejects_malformed_flow(flow_state):

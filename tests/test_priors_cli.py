@@ -81,13 +81,14 @@ def test_a_prior_fit_that_fails_after_training_keeps_the_trained_weights(capsys,
     assert checkpoint.resume_state(ckpt).epoch == 1 and ckpt.priors == {}
 
 
-@pytest.mark.parametrize("prior", ["gmm", "two_stage"])
+@pytest.mark.parametrize("prior", ["gmm", "two_stage", "riemannian"])
 def test_each_prior_samples_the_models_shape_and_repeats_for_a_seed(capsys, trained, tmp_path, prior):
     path = copy_of(trained, tmp_path)
-    if prior == "two_stage":
-        code, out, err = run_main(capsys, "--fit_prior", "two_stage", "--checkpoint", path,
+    if prior != "gmm":
+        code, out, err = run_main(capsys, "--fit_prior", prior, "--checkpoint", path,
                                   "--data_dir", trained[0] / "data")
-        assert code == 0 and "fitted the two_stage prior" in out, err
+        assert code == 0 and f"fitted the {prior} prior" in out, err
+        assert load_torch_file(path, "checkpoint")["priors"][prior]["kind"] == prior
     run = Path(checkpoint.run_dir(tmp_path, path))
     draws = []
     for out_dir in ("a", "b"):
