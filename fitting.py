@@ -91,8 +91,8 @@ def fitted_priors(model, record, names, train_images, n_components, n_gmm_codes,
                 how = "a second VAE on the codes (Dai and Wipf 2019)"
             elif name == "riemannian":  # k-means on the codes: seconds, no progress to show
                 fitted[name] = priors.fit_riemannian(codes, code_sds, seed, fitted_on)
-                how = (f"a metric of {fitted[name]['n_centroids']} centroids, HMC when sampling "
-                       "(Chadebec and Allassonnière 2022)")
+                how = (f"Chadebec and Allassonnière 2022's metric of {fitted[name]['n_centroids']} "
+                       "centroids, sampled by HMC")
             else:
                 with Progress("flow prior", priors.FLOW_EPOCHS, "epoch") as bar:
                     fitted[name] = priors.fit_flow(codes, seed, fitted_on, bar.update)
