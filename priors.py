@@ -75,6 +75,18 @@ def _checked_codes(codes, name="codes"):
     return codes
 
 
+def _checked_sds(code_sds, codes, strictly_positive=False):
+    """Posterior standard deviations (N, d) for `codes` as a float64 CPU tensor, or a ValueError."""
+    code_sds = _checked_codes(code_sds, "code_sds")
+    if code_sds.shape != codes.shape:
+        raise ValueError(f"code_sds must have the codes' shape {tuple(codes.shape)}, not {tuple(code_sds.shape)}")
+    if strictly_positive and (code_sds <= 0).any():
+        raise ValueError("code_sds must be positive")
+    if (code_sds < 0).any():
+        raise ValueError("code_sds must be non-negative standard deviations")
+    return code_sds
+
+
 def _checked_record(seed, fitted_on):
     """The seed and description a state records, or a ValueError."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:  # numpy's range
@@ -243,11 +255,7 @@ def fit_two_stage(codes, seed=0, fitted_on="", progress=None, width=TWO_STAGE_WI
     `progress`, if given, is called after each epoch as progress(epochs done, status)."""
     codes = _checked_codes(codes).float()
     if code_sds is not None:
-        code_sds = _checked_codes(code_sds, "code_sds").float()
-        if code_sds.shape != codes.shape:
-            raise ValueError(f"code_sds must have the codes' shape {tuple(codes.shape)}, not {tuple(code_sds.shape)}")
-        if (code_sds < 0).any():
-            raise ValueError("code_sds must be non-negative standard deviations")
+        code_sds = _checked_sds(code_sds, codes).float()
     _checked_record(seed, fitted_on)
     for name, value in (("width", width), ("depth", depth), ("epochs", epochs),
                         ("batch_size", batch_size)):
@@ -376,12 +384,8 @@ def fit_riemannian(codes, code_sds, seed=0, fitted_on="", n_centroids=riemannian
     """Chadebec and Allassonnière 2022's sampler (riemannian.py) for posterior means `codes`
     (N, d) and their posterior standard deviations `code_sds` (N, d), seeded."""
     codes = _checked_codes(codes)
-    code_sds = _checked_codes(code_sds, "code_sds")
+    code_sds = _checked_sds(code_sds, codes, strictly_positive=True)
     _checked_record(seed, fitted_on)
-    if code_sds.shape != codes.shape:
-        raise ValueError(f"code_sds must have the codes' shape {tuple(codes.shape)}, not {tuple(code_sds.shape)}")
-    if (code_sds <= 0).any():
-        raise ValueError("code_sds must be positive")
     if isinstance(n_centroids, bool) or not isinstance(n_centroids, int) or n_centroids < 2:
         raise ValueError(f"n_centroids must be an integer of at least 2, not {n_centroids!r}")
     return {"kind": "riemannian", "latent_dim": codes.shape[1], "n_codes": codes.shape[0], "seed": seed,
@@ -462,6 +466,23 @@ def _check_flow(state, d):
             _check_tensor(flow, name, tensor.shape)
 
 
+def _check_riemannian(state, d):
+    for key in ("n_centroids", "hmc_iterations", "leapfrog_steps"):
+        _check_positive_int(state, key)
+    _check_tensor(state, "centroids", (state["n_centroids"], d))
+    _check_tensor(state, "inverse_variances", (state["n_centroids"], d))
+    if (state["inverse_variances"] <= 0).any():
+        raise ValueError("prior inverse_variances must be positive")
+    starts = state["start_codes"]
+    if not isinstance(starts, torch.Tensor) or starts.dim() != 2 or starts.shape[0] < 1:
+        raise ValueError("prior start_codes must be an (N, latent_dim) tensor with N >= 1")
+    _check_tensor(state, "start_codes", (starts.shape[0], d))
+    for key in ("temperature", "ridge", "step_size", "momentum_sd"):
+        value = state[key]
+        if isinstance(value, bool) or not isinstance(value, float) or not 0 < value < math.inf:
+            raise ValueError(f"prior {key} must be a positive finite float, not {value!r}")
+
+
 def check_prior(state, latent_dim):
     """Raise ValueError (one line) unless `state` is a well-formed prior for latent_dim codes."""
     if not isinstance(state, dict) or state.get("kind") not in PRIORS:
@@ -481,7 +502,7 @@ def check_prior(state, latent_dim):
     elif state["kind"] == "flow":
         _check_flow(state, latent_dim)
     elif state["kind"] == "riemannian":
-        riemannian.check(state, latent_dim, _check_tensor, _check_positive_int)
+        _check_riemannian(state, latent_dim)
 
 
 def sample_latents(state, n, generator=None, device="cpu", latent_dim=None):

@@ -66,8 +66,9 @@ class _Metric:
 
     def __init__(self, state, device):
         self.m = state["inverse_variances"].to(device, torch.float64)  # (K, d)
-        self.mc = self.m * state["centroids"].to(device, torch.float64)
-        self.cmc = (self.mc * state["centroids"].to(device, torch.float64)).sum(1)  # (K,)
+        centroids = state["centroids"].to(device, torch.float64)
+        self.mc = self.m * centroids
+        self.cmc = (self.mc * centroids).sum(1)  # (K,)
         self.t2, self.ridge = state["temperature"] ** 2, state["ridge"]
 
     def _weights_and_g(self, z):
@@ -77,13 +78,16 @@ class _Metric:
         return weights, weights @ self.m + self.ridge  # the diagonal of G(z), (n, d)
 
     def log_density(self, z):
-        return 0.5 * self._weights_and_g(z)[1].log().sum(1)
+        return self.log_density_and_gradient(z)[0]
 
     def gradient(self, z):
+        return self.log_density_and_gradient(z)[1]
+
+    def log_density_and_gradient(self, z):
         # d/dz 0.5 sum_j log G_jj = -(1/T^2) sum_i w_i (sum_j M_ij / G_jj) M_i (z - c_i)
         weights, g = self._weights_and_g(z)
         a = weights * ((1 / g) @ self.m.T)
-        return -((a @ self.m) * z - a @ self.mc) / self.t2
+        return 0.5 * g.log().sum(1), -((a @ self.m) * z - a @ self.mc) / self.t2
 
 
 def sample(state, n, generator, device):
@@ -94,35 +98,21 @@ def sample(state, n, generator, device):
     pick = torch.randint(0, starts.shape[0], (n,), generator=generator, device=device)
     z = starts.to(device, torch.float64)[pick]
     eps = state["step_size"]
+    # the density and gradient at each chain's current z, carried from where it was last computed
+    log_density, grad_z = metric.log_density_and_gradient(z)
     for _ in range(state["hmc_iterations"]):
         rho = state["momentum_sd"] * torch.randn(z.shape, generator=generator, device=device, dtype=z.dtype)
-        energy = -metric.log_density(z) + 0.5 * rho.pow(2).sum(1)
-        z_new, grad = z, metric.gradient(z)
+        energy = -log_density + 0.5 * rho.pow(2).sum(1)
+        z_new, grad = z, grad_z
         for _ in range(state["leapfrog_steps"]):
             rho = rho + 0.5 * eps * grad
             z_new = z_new + eps * rho
-            grad = metric.gradient(z_new)
+            new_log_density, grad = metric.log_density_and_gradient(z_new)
             rho = rho + 0.5 * eps * grad
-        new_energy = -metric.log_density(z_new) + 0.5 * rho.pow(2).sum(1)
+        new_energy = -new_log_density + 0.5 * rho.pow(2).sum(1)
         accept = torch.rand(n, generator=generator, device=device, dtype=z.dtype) < torch.exp(energy - new_energy)
         z = torch.where(accept[:, None], z_new, z)
+        log_density = torch.where(accept, new_log_density, log_density)
+        grad_z = torch.where(accept[:, None], grad, grad_z)
     return z
 
-
-def check(state, d, check_tensor, check_positive_int):
-    """ValueError unless state's Riemannian part is well formed for d-dimensional codes."""
-    for key in ("n_centroids", "hmc_iterations", "leapfrog_steps"):
-        check_positive_int(state, key)
-    k = state["n_centroids"]
-    check_tensor(state, "centroids", (k, d))
-    check_tensor(state, "inverse_variances", (k, d))
-    if state["start_codes"] is None or not isinstance(state["start_codes"], torch.Tensor) \
-            or state["start_codes"].dim() != 2 or state["start_codes"].shape[0] < 1:
-        raise ValueError("prior start_codes must be an (N, latent_dim) tensor with N >= 1")
-    check_tensor(state, "start_codes", (state["start_codes"].shape[0], d))
-    if (state["inverse_variances"] <= 0).any():
-        raise ValueError("prior inverse_variances must be positive")
-    for key in ("temperature", "ridge", "step_size", "momentum_sd"):
-        value = state[key]
-        if isinstance(value, bool) or not isinstance(value, float) or not 0 < value < float("inf"):
-            raise ValueError(f"prior {key} must be a positive finite float, not {value!r}")
