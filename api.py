@@ -44,16 +44,17 @@ class TrainedVAE:
         """The prior sample() uses when none is named (best_prior below)."""
         return best_prior(self.priors)
 
-    def sample(self, n, prior=None, seed=None):
+    def sample(self, n, prior=None, seed=None, on_progress=None):
         """n new images, uint8 (n, C, H, W): z drawn from `prior` (a name in self.priors; None
         means best_prior), decoded to the decoder's mean and quantised. The same seed gives the
-        same images, as --sample --seed does."""
+        same images, as --sample --seed does. on_progress(images done), if given, after each
+        chunk of 1024."""
         name = prior or self.best_prior
         if name not in self.priors:
             raise UserError(f"{self.path} has no {name} prior; it holds {', '.join(self.priors)}")
         seed = int(torch.randint(2**31, ())) if seed is None else seed
         generator = torch.Generator(self.device).manual_seed(seed)
-        return sampling.prior_samples_uint8(self.model, n, generator, self.priors[name])
+        return sampling.prior_samples_uint8(self.model, n, generator, self.priors[name], on_progress=on_progress)
 
     def _checked(self, images):
         images = torch.as_tensor(images)

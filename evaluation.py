@@ -106,8 +106,9 @@ def sample_quality_by_prior(model, priors, n_samples, seed, reference, stem):
             net, precision, ref = reference
             print(f"sample quality of the {name} prior: {n_samples} samples through the Inception "
                   "network", flush=True)
-            samples = sampling.prior_samples_uint8(model, n_samples, torch.Generator(device).manual_seed(seed),
-                                                   state)
+            with Progress(f"drawing {name} prior samples", n_samples, "image") as bar:
+                samples = sampling.prior_samples_uint8(model, n_samples, torch.Generator(device).manual_seed(seed),
+                                                       state, on_progress=bar.update)
             with Progress(f"Inception features, {name} prior", n_samples, "image", estimate=True,
                           shorter="--fid_samples 2000 (a noisier FID)" + (
                               "" if len(priors) == 1 else " or leaving out --prior all (one prior)")) as bar:

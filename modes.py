@@ -17,6 +17,7 @@ import settings
 import training
 import util
 import vae
+from progress import Progress
 from settings import DEFAULT_DATASET, PRIOR_PREFERENCE, TrainingRecord, TrainSettings
 from util import UserError
 
@@ -301,7 +302,8 @@ def run_sample(args):
     check_creatable(out_dir)
     which = "" if prior_name == "standard" else f"{prior_name}_"
     stem = os.path.join(out_dir, f"{which}prior_samples_n{args.num_samples}_seed{seed}")
-    samples = trained.sample(args.num_samples, prior_name, seed)
+    with Progress(f"drawing {prior_name} prior samples", args.num_samples, "image") as bar:
+        samples = trained.sample(args.num_samples, prior_name, seed, on_progress=bar.update)
     sampling.save_samples(samples, stem + ".png", stem + ".pt", png_folder=stem)
     print(f"{args.num_samples} samples from {path}, {prior_name} prior (seed {seed}):")
     print(f"  grid   {stem}.png")

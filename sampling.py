@@ -21,9 +21,10 @@ def decoded_uint8(model, z):
 
 
 @torch.no_grad()
-def prior_samples_uint8(model, n, generator, prior=None, chunk=1024):
+def prior_samples_uint8(model, n, generator, prior=None, chunk=1024, on_progress=None):
     """n images decoded from z ~ `prior` (a priors.py state; None is N(0, I)), quantised to
-    uint8 as a saved sample is, on the CPU.
+    uint8 as a saved sample is, on the CPU; on_progress(images done), if given, after each chunk
+    (the Riemannian prior's HMC takes seconds per chunk).
 
     Drawn in chunks and filled in place: a list of chunks and a torch.cat would hold every
     sample twice, so memory stays one uint8 copy whatever n is."""
@@ -36,6 +37,8 @@ def prior_samples_uint8(model, n, generator, prior=None, chunk=1024):
                                   latent_dim=model.config.latent_dim)
         images = decoded_uint8(model, z)
         samples[start:start + images.shape[0]] = images.cpu()
+        if on_progress is not None:
+            on_progress(start + images.shape[0])
     model.train(was_training)
     return samples
 

@@ -76,3 +76,12 @@ def test_the_default_prior_is_the_best_held_and_a_missing_one_is_one_line(traine
         vae.encode(torch.zeros(2, 1, 32, 32, dtype=torch.uint8))
     with pytest.raises(api.UserError, match=r"z must be \(N, 4\)"):
         vae.decode(torch.zeros(2, 5))
+
+
+def test_a_long_draw_reports_its_progress_and_draws_the_same_images(trained):
+    _, path = trained
+    vae = api.load(path)
+    told = []
+    reported = vae.sample(2500, prior="gmm", seed=3, on_progress=told.append)
+    assert told == [1024, 2048, 2500]
+    assert torch.equal(reported, vae.sample(2500, prior="gmm", seed=3))
