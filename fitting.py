@@ -1,45 +1,51 @@
 """Latent priors fitted to a trained model: its training images encoded to their posteriors,
 each prior fitted to the means (the two-stage VAE to draws from the posteriors; priors.py) with
 its progress shown, and the states returned for the caller to save. --fit_prior calls this on
-a checkpoint; --train's loop on its final weights, before its final save (GMMAfterTraining)."""
+a checkpoint; --train's loop on its final weights, before its final save (PriorsAfterTraining)."""
 
 import time
 
 import data
 import util
 from progress import Progress
-from settings import GMM_CODES_PER_COMPONENT, GMM_COMPONENTS
+from settings import GMM_CODES_PER_COMPONENT, GMM_COMPONENTS, TRAIN_PRIORS
 from util import BadValue, UserError
 
 
-class GMMAfterTraining:
-    """What --train does after its last epoch, before its final save: the gmm prior (Ghosh et
-    al.'s ex-post density estimation) fitted to the new weights, where a small training set
-    lowers the number of components instead of failing a finished run. training.train calls it,
-    and asks it for its time left."""
+class PriorsAfterTraining:
+    """What --train does after its last epoch, before its final save: the priors of
+    settings.TRAIN_PRIORS fitted to the new weights (the gmm, Ghosh et al.'s ex-post density
+    estimation, and Chadebec and Allassonnière's Riemannian sampler), where a small training
+    set lowers the number of gmm components instead of failing a finished run. training.train
+    calls it, and asks it for its time left."""
 
-    def __init__(self, record, train_images, latent_dim, n_components, n_codes, path):
+    def __init__(self, record, train_images, latent_dim, n_components, n_codes, path, names=TRAIN_PRIORS):
         self.record, self.train_images, self.latent_dim, self.path = record, train_images, latent_dim, path
-        self.n_components, self.max_codes = n_components, n_codes
+        self.n_components, self.max_codes, self.names = n_components, n_codes, tuple(names)
         self.n_codes = min(n_codes or train_images.shape[0], train_images.shape[0])
         self.fit_seconds = None  # measured on first use (a fraction of a second), rank 0 only
 
     def seconds(self, encode_seconds_per_image):
         """Its estimated time: encoding every training image at the test pass's rate
-        (an overestimate: the test pass also decodes), then EM."""
+        (an overestimate: the test pass also decodes), then the fits."""
         import priors
         if self.fit_seconds is None:
-            self.fit_seconds = priors.gmm_fit_seconds(self.n_codes, self.latent_dim, min(
-                gmm_components(self.n_codes, self.n_components), self.n_codes))
+            n_all = self.train_images.shape[0]
+            self.fit_seconds = sum(
+                priors.gmm_fit_seconds(self.n_codes, self.latent_dim, min(
+                    gmm_components(self.n_codes, self.n_components), self.n_codes)) if name == "gmm"
+                else priors.riemannian_fit_seconds(n_all, self.latent_dim) for name in self.names)
         return self.train_images.shape[0] * encode_seconds_per_image + self.fit_seconds
 
     def __call__(self, model):
         try:
-            return fitted_priors(model, self.record, ["gmm"], self.train_images, self.n_components,
+            return fitted_priors(model, self.record, self.names, self.train_images, self.n_components,
                                  self.max_codes, automatic=True)
         except UserError as e:
-            raise e.extended(f"; {self.path} holds the trained weights without the prior",
-                             remedy=("fit_prior", {"prior": "gmm", "path": self.path})) from None
+            error = e.extended(f"; {self.path} holds the trained weights without the "
+                               f"{' and '.join(self.names)} prior{'s' if len(self.names) > 1 else ''}")
+            error.remedies += [("fit_prior", {"prior": name, "path": self.path}) for name in self.names]
+            raise error from None
 
 
 def gmm_components(n_codes, n_components=None):
@@ -89,7 +95,7 @@ def fitted_priors(model, record, names, train_images, n_components, n_gmm_codes,
                 with Progress("two-stage prior", priors.TWO_STAGE_EPOCHS, "epoch") as bar:
                     fitted[name] = priors.fit_two_stage(codes, seed, fitted_on, bar.update, code_sds=code_sds)
                 how = "a second VAE on the codes (Dai and Wipf 2019)"
-            elif name == "riemannian":  # k-means on the codes: seconds, no progress to show
+            elif name == "riemannian":  # k-means on the codes: seconds (riemannian_fit_seconds), no progress to show
                 fitted[name] = priors.fit_riemannian(codes, code_sds, seed, fitted_on)
                 how = (f"Chadebec and Allassonnière 2022's metric of {fitted[name]['n_centroids']} "
                        "centroids, sampled by HMC")

@@ -285,8 +285,8 @@ def train_with(args, device, threads, path, out_dir, model, record, train_images
     run = TrainSettings(record, settings.from_flags(settings.RunChoices, vars(args)), path, out_dir,
                         flags, progress=distributed.is_main())
     training.train(model, train_images, test_images, run, state,
-                   fitting.GMMAfterTraining(record, train_images, config.latent_dim,
-                                            args.prior_components, args.prior_codes, path))
+                   fitting.PriorsAfterTraining(record, train_images, config.latent_dim,
+                                               args.prior_components, args.prior_codes, path))
 
 
 def run_sample(args):

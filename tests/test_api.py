@@ -19,7 +19,8 @@ from helpers import (
 REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A one-epoch checkpoint with its automatic gmm prior and a two-stage one, and its data."""
+    """A one-epoch checkpoint with its automatic gmm and riemannian priors and a two-stage one,
+    and its data."""
     tmp = tmp_path_factory.mktemp("api")
     path = train_tiny(tmp, "--seed", 2, "--recon_loss", "bernoulli")  # its samples vary with z already
     assert VanVAE.main(["--fit_prior", "two_stage", "--checkpoint", str(path), "--data_dir",
@@ -48,7 +49,7 @@ def test_a_notebook_loads_samples_encodes_and_decodes_as_the_command_line_does(t
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     told = json.loads(result.stdout.splitlines()[-1])
-    assert told == {"best": "gmm", "priors": ["gmm", "standard", "two_stage"]}
+    assert told == {"best": "riemannian", "priors": ["gmm", "riemannian", "standard", "two_stage"]}
     for name in told["priors"]:
         from_api = torch.load(tmp_path / f"{name}.pt", weights_only=True)
         assert from_api.dtype == torch.uint8 and from_api.shape == (6, 1, 28, 28)
@@ -66,11 +67,11 @@ def test_a_notebook_loads_samples_encodes_and_decodes_as_the_command_line_does(t
 def test_the_default_prior_is_the_best_held_and_a_missing_one_is_one_line(trained, tmp_path):
     _, path = trained
     vae = api.load(path)
-    assert vae.best_prior == "gmm"
+    assert vae.best_prior == "riemannian"
     without = api.TrainedVAE.__new__(api.TrainedVAE)
     without.priors = {"standard": None}
     assert without.best_prior == "standard"
-    with pytest.raises(api.UserError, match="has no flow prior; it holds standard, gmm, two_stage"):
+    with pytest.raises(api.UserError, match="has no flow prior; it holds standard, gmm, riemannian, two_stage"):
         vae.sample(2, prior="flow")
     with pytest.raises(api.UserError, match=r"images must be uint8 of shape \(N, 1, 28, 28\)"):
         vae.encode(torch.zeros(2, 1, 32, 32, dtype=torch.uint8))

@@ -1,6 +1,6 @@
-"""Latent priors through the command line: --train stores a GMM prior, --fit_prior adds one to
-any checkpoint (a format-1 file included), --sample and --eval draw from them, and a missing or
-malformed prior is one line."""
+"""Latent priors through the command line: --train stores the gmm and riemannian priors,
+--fit_prior adds one to any checkpoint (a format-1 file included), --sample and --eval draw
+from them, and a missing or malformed prior is one line."""
 
 import json
 import shutil
@@ -38,14 +38,18 @@ def copy_of(trained, tmp_path):
     return path
 
 
-def test_training_stores_a_gmm_prior_that_loads_weights_only(trained):
+def test_training_stores_the_gmm_and_riemannian_priors_that_load_weights_only(trained):
     raw = torch.load(trained[1], weights_only=True)
     state = raw["priors"]["gmm"]
     # The default number of components is one per 50 codes where they are fewer than 20,000:
     # one for the 48 training images (200 would repeat them, one component per code).
     assert state["kind"] == "gmm" and state["n_components"] == 1 and state["n_codes"] == 48
     assert state["dataset"] == "mnist" and "48 mnist training images" in state["fitted_on"]
-    assert set(checkpoint.load(trained[1]).priors) == {"gmm"}
+    metric = raw["priors"]["riemannian"]
+    # fewer codes than its 100 centroids: each distinct code is one, and every code a start
+    assert metric["kind"] == "riemannian" and metric["n_codes"] == 48 and 2 <= metric["n_centroids"] <= 48
+    assert metric["start_codes"].shape == (48, 4) and "standard deviations" in metric["fitted_on"]
+    assert set(checkpoint.load(trained[1]).priors) == {"gmm", "riemannian"}
 
 
 def test_train_writes_its_final_checkpoint_once_with_the_prior_in_it(tmp_path, monkeypatch):
@@ -53,8 +57,8 @@ def test_train_writes_its_final_checkpoint_once_with_the_prior_in_it(tmp_path, m
     real_save = checkpoint.atomic_torch_save
     monkeypatch.setattr(checkpoint, "atomic_torch_save", lambda obj, path: (writes.append(obj), real_save(obj, path)))
     path = train_tiny(tmp_path, "--sample_and_save_frequency", 5)  # one epoch: one save, the last
-    assert len(writes) == 1 and set(writes[0]["priors"]) == {"gmm"}
-    assert set(checkpoint.load(path).priors) == {"gmm"}
+    assert len(writes) == 1 and set(writes[0]["priors"]) == {"gmm", "riemannian"}
+    assert set(checkpoint.load(path).priors) == {"gmm", "riemannian"}
 
 
 def test_the_runs_time_left_counts_the_prior_fit_still_to_come(capsys, tmp_path, monkeypatch):
@@ -75,8 +79,9 @@ def test_a_prior_fit_that_fails_after_training_keeps_the_trained_weights(capsys,
     code, _, err = run_main(capsys, "--train", "--data_dir", tmp_path / "data", "--output_dir", tmp_path,
                             "--n_epochs", 1, "--prior_components", 3, *TINY_MODEL)
     path = tmp_path / "models" / "VanillaVAE" / "VanillaVAE_mnist.pt"
-    assert_one_line_error(code, err, "EM did not converge", f"{path} holds the trained weights",
-                          f"--fit_prior gmm --checkpoint {path}")
+    assert_one_line_error(code, err, "EM did not converge",
+                          f"{path} holds the trained weights without the riemannian and gmm priors",
+                          f"--fit_prior gmm --checkpoint {path}", f"--fit_prior riemannian --checkpoint {path}")
     ckpt = checkpoint.load(path)
     assert checkpoint.resume_state(ckpt).epoch == 1 and ckpt.priors == {}
 
@@ -181,10 +186,10 @@ def test_eval_reports_the_best_prior_and_with_prior_all_every_prior_side_by_side
             assert figures["fid"] > 0 and figures["kid_std"] >= 0 and 0 <= figures["precision"] <= 1
             assert f"FID, {name} prior" in out and Path(reports[prior]["files"][f"samples_{name}"]).is_file()
         assert "literature's FID-10k is --fid_samples 10000" in out
-    assert list(reports[None]["sample_quality"]) == ["gmm"] and reports[None]["fid_prior"] == "gmm"
-    assert "gmm prior only (--prior all: every prior)" in reports[None]["fid_protocol"]
-    assert list(reports["all"]["sample_quality"]) == ["gmm", "standard"]
-    assert reports["all"]["fid"] == reports["all"]["sample_quality"]["gmm"]["fid"] == reports[None]["fid"]
+    assert list(reports[None]["sample_quality"]) == ["riemannian"] and reports[None]["fid_prior"] == "riemannian"
+    assert "riemannian prior only (--prior all: every prior)" in reports[None]["fid_protocol"]
+    assert list(reports["all"]["sample_quality"]) == ["riemannian", "gmm", "standard"]
+    assert reports["all"]["fid"] == reports["all"]["sample_quality"]["riemannian"]["fid"] == reports[None]["fid"]
 
 
 @pytest.mark.parametrize("flags, words", [

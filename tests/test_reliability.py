@@ -520,7 +520,7 @@ def test_100000_samples_arrive_whole_in_small_memory(tmp_path, good_checkpoint):
     many_mib = peak_mib_of_sampling(good_checkpoint, tmp_path, 100000)
     print(f"peak resident memory of --sample: {few_mib:.0f} MiB for 16 samples, "
           f"{many_mib:.0f} MiB for 100000")
-    stem = Path(checkpoint.run_dir(tmp_path, good_checkpoint)) / "gmm_prior_samples_n100000_seed0"
+    stem = Path(checkpoint.run_dir(tmp_path, good_checkpoint)) / "riemannian_prior_samples_n100000_seed0"
     samples = util.load_torch_file(f"{stem}.pt", "sample file")
     assert samples.shape == (100000, 1, 28, 28) and samples.dtype == torch.uint8
     png = Path(f"{stem}.png")
