@@ -44,7 +44,8 @@ class PriorsAfterTraining:
         except UserError as e:
             error = e.extended(f"; {self.path} holds the trained weights without the "
                                f"{' and '.join(self.names)} prior{'s' if len(self.names) > 1 else ''}")
-            error.remedies += [("fit_prior", {"prior": name, "path": self.path}) for name in self.names]
+            for name in self.names:
+                error = error.extended("", remedy=("fit_prior", {"prior": name, "path": self.path}))
             raise error from None
 
 

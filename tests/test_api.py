@@ -71,7 +71,7 @@ def test_the_default_prior_is_the_best_held_and_a_missing_one_is_one_line(traine
     without = api.TrainedVAE.__new__(api.TrainedVAE)
     without.priors = {"standard": None}
     assert without.best_prior == "standard"
-    with pytest.raises(api.UserError, match="has no flow prior; it holds standard, gmm, riemannian, two_stage"):
+    with pytest.raises(api.UserError, match="has no flow prior; it holds standard, riemannian, gmm, two_stage"):
         vae.sample(2, prior="flow")
     with pytest.raises(api.UserError, match=r"images must be uint8 of shape \(N, 1, 28, 28\)"):
         vae.encode(torch.zeros(2, 1, 32, 32, dtype=torch.uint8))
