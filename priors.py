@@ -479,9 +479,17 @@ def _check_flow(state, d):
             _check_tensor(flow, name, tensor.shape)
 
 
+# The most HMC iterations and leapfrog steps a stored state may ask for (fit writes 100 and 10):
+# a corrupt count such as 2**70 would otherwise make --sample run for ever instead of failing.
+MAX_HMC_ITERATIONS, MAX_LEAPFROG_STEPS = 100_000, 10_000
+
+
 def _check_riemannian(state, d):
     for key in ("n_centroids", "hmc_iterations", "leapfrog_steps"):
         _check_positive_int(state, key)
+    for key, most in (("hmc_iterations", MAX_HMC_ITERATIONS), ("leapfrog_steps", MAX_LEAPFROG_STEPS)):
+        if state[key] > most:
+            raise ValueError(f"prior {key} must be at most {most}, not {state[key]!r}")
     _check_tensor(state, "centroids", (state["n_centroids"], d))
     _check_tensor(state, "inverse_variances", (state["n_centroids"], d))
     if (state["inverse_variances"] <= 0).any():

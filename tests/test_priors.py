@@ -366,6 +366,8 @@ def test_check_prior_rejects_malformed_riemannian(riemannian_state):
              (broken(state, temperature=0.0), "temperature"),
              (broken(state, step_size=1), "step_size"),
              (broken(state, hmc_iterations=0), "hmc_iterations"),
+             (broken(state, hmc_iterations=2**70), "hmc_iterations must be at most 100000"),  # not a hang
+             (broken(state, leapfrog_steps=2**70), "leapfrog_steps must be at most 10000"),
              (broken(state, ridge=None), "missing ridge")]
     for bad, message in cases:
         with pytest.raises(ValueError, match=message):
