@@ -19,9 +19,9 @@ class PriorsAfterTraining:
     set lowers the number of gmm components instead of failing a finished run. training.train
     calls it, and asks it for its time left."""
 
-    def __init__(self, record, train_images, latent_dim, n_components, n_codes, path, names=TRAIN_PRIORS):
+    def __init__(self, record, train_images, latent_dim, n_components, n_codes, path):
         self.record, self.train_images, self.latent_dim, self.path = record, train_images, latent_dim, path
-        self.n_components, self.max_codes, self.names = n_components, n_codes, tuple(names)
+        self.n_components, self.max_codes, self.names = n_components, n_codes, TRAIN_PRIORS
         self.n_codes = min(n_codes or train_images.shape[0], train_images.shape[0])
         self.fit_seconds = None  # measured on first use (a fraction of a second), rank 0 only
 

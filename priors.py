@@ -424,10 +424,12 @@ def _check_tensor(state, key, shape):
         raise ValueError(f"prior {key} must hold finite floating-point values")
 
 
-def _check_positive_int(state, key):
+def _check_positive_int(state, key, most=None):
     value = state[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"prior {key} must be a positive integer, not {value!r}")
+    if most is not None and value > most:
+        raise ValueError(f"prior {key} must be at most {most}, not {value!r}")
 
 
 def _check_gmm(state, d):
@@ -485,11 +487,9 @@ MAX_HMC_ITERATIONS, MAX_LEAPFROG_STEPS = 100_000, 10_000
 
 
 def _check_riemannian(state, d):
-    for key in ("n_centroids", "hmc_iterations", "leapfrog_steps"):
-        _check_positive_int(state, key)
-    for key, most in (("hmc_iterations", MAX_HMC_ITERATIONS), ("leapfrog_steps", MAX_LEAPFROG_STEPS)):
-        if state[key] > most:
-            raise ValueError(f"prior {key} must be at most {most}, not {state[key]!r}")
+    _check_positive_int(state, "n_centroids")
+    _check_positive_int(state, "hmc_iterations", MAX_HMC_ITERATIONS)
+    _check_positive_int(state, "leapfrog_steps", MAX_LEAPFROG_STEPS)
     _check_tensor(state, "centroids", (state["n_centroids"], d))
     _check_tensor(state, "inverse_variances", (state["n_centroids"], d))
     if (state["inverse_variances"] <= 0).any():
