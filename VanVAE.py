@@ -56,14 +56,17 @@ def build_parser():
                       "and --out_dataset's test split by -ELBO and the importance-weighted bound; "
                       "report AUROC and FPR at 95%% TPR")
     mode.add_argument("--fit_prior", choices=PRIORS[1:], default=None,
-                      help="fit a latent prior to the training set's posterior means and store it in "
-                           "--checkpoint: gmm (Ghosh et al. 2020; --train fits it after its last epoch), "
-                           "two_stage (Dai and Wipf 2019) or flow (a masked autoregressive flow)")
+                      help="fit a latent prior to the training set's codes and store it in "
+                           "--checkpoint: gmm (Ghosh et al. 2020), two_stage (Dai and Wipf 2019), flow "
+                           "(a masked autoregressive flow) or riemannian (Chadebec and Allassonnière "
+                           f"2022); --train fits {' and '.join(settings.TRAIN_PRIORS)} after its last epoch")
     p.add_argument("--prior", choices=(*PRIORS, "all"), default=None,
                    help="where z comes from for --sample and --eval: standard (N(0, I), the VAE's "
                         f"own), {', '.join(PRIORS[1:])} (fitted after training), or all (--eval only) "
                         f"(default: none, meaning the first the checkpoint holds of "
-                        f"{', '.join(settings.PRIOR_PREFERENCE)}: best measured first)")
+                        f"{', '.join(settings.PRIOR_PREFERENCE)}: best measured first; of "
+                        f"{', '.join(settings.SHORT_RUN_PRIOR_PREFERENCE)} for weights trained fewer "
+                        f"than {settings.SHORT_RUN_EPOCHS} epochs)")
     p.add_argument("--dataset", type=dataset_type, default=None, metavar="NAME|PATH",
                    help=f"dataset to train on: one of {', '.join(DATASETS)}, or your own images: "
                         "a folder of image files (any depth; train/ and test/ subfolders are the "

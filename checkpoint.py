@@ -8,8 +8,9 @@ Format 2 is a dict that torch.load(weights_only=True) reads (tensors and plain v
     training        settings.TrainingRecord as a dict: what a resumed run and --eval read back
     optimizer, epoch, step, history, partial, rng (shuffle_at_epoch_start, noise), scaler:
                     a TrainingState (below), where training stands, for --resume; absent from
-                    a weights-only file, which samples and evaluates only
-    priors          {name: priors.py state} fitted after training (gmm, two_stage, flow);
+                    a weights-only file, which samples and evaluates only. epoch, the epochs
+                    trained, also chooses the default prior (api.prior_order)
+    priors          {name: priors.py state} fitted after training (gmm, two_stage, flow, riemannian);
                     written with the weights they were fitted to, and dropped by the next
                     training save (new weights)
     args            the command line's flags: a record for people; no code reads it back
@@ -163,6 +164,8 @@ def load(path, dataset=None, image_shape=None):
     except (KeyError, TypeError, ValueError, RuntimeError, UserError) as e:  # BadValue too
         raise UserError(f"{path} does not describe a VanVAE model: {first_line(e)}") from None
     progress = {key: raw[key] for key in (*PROGRESS_KEYS, "scaler") if key in raw}
+    if "epoch" in progress:  # every mode reads it: the epochs trained choose the default prior (api.prior_order)
+        _check_progress_entry(path, progress, "epoch")
     fitted = _checked_priors(raw.get("priors") or {}, model.config, path)
     ckpt = Checkpoint(str(path), model, training, progress, dict(raw.get("args") or {}), fitted)
     check_matches(ckpt, dataset, image_shape)
@@ -318,6 +321,13 @@ PROGRESS_RULES = {
 }
 
 
+def _check_progress_entry(path, progress, key):
+    is_valid, words = PROGRESS_RULES[key]
+    if not is_valid(progress[key]):
+        raise UserError(f"{path} holds a malformed training state: {key} must be {words}, "
+                        f"not {type(progress[key]).__name__}", remedy=("weights_only", {}))
+
+
 def resume_state(ckpt):
     """The TrainingState --resume continues from, or a UserError naming the file and what is
     missing or malformed (a weights-only file can still be sampled from)."""
@@ -330,10 +340,9 @@ def resume_state(ckpt):
     if missing:
         raise UserError(f"{ckpt.path} holds weights but not the training state to resume "
                         f"(missing {', '.join(missing)})", remedy=("weights_only", {}))
-    for key, (is_valid, words) in PROGRESS_RULES.items():
-        if key in ckpt.progress and not is_valid(ckpt.progress[key]):
-            raise UserError(f"{ckpt.path} holds a malformed training state: {key} must be {words}, "
-                            f"not {type(ckpt.progress[key]).__name__}", remedy=("weights_only", {}))
+    for key in PROGRESS_RULES:
+        if key in ckpt.progress:
+            _check_progress_entry(ckpt.path, ckpt.progress, key)
     entries = ckpt.progress
     return TrainingState(entries["optimizer"], entries["epoch"], entries["step"], list(entries["history"]),
                          entries["partial"], entries["rng"]["shuffle_at_epoch_start"], entries["rng"]["noise"],

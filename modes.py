@@ -18,7 +18,7 @@ import training
 import util
 import vae
 from progress import Progress
-from settings import DEFAULT_DATASET, PRIOR_PREFERENCE, TrainingRecord, TrainSettings
+from settings import DEFAULT_DATASET, TrainingRecord, TrainSettings
 from util import UserError
 
 
@@ -252,10 +252,11 @@ def chosen_priors(ckpt, name):
     """{name: state} of the priors to sample from: `name` (None: the best it holds, as
     api.best_prior), "all" for N(0, I) and every fitted one. A prior the checkpoint
     lacks is one line saying how to fit it."""
-    name = name or api.best_prior(ckpt.priors)
+    epochs_trained = ckpt.progress.get("epoch")
+    name = name or api.best_prior(ckpt.priors, epochs_trained)
     if name == "all":  # the best first: its FID is the report's headline figure
         held = {"standard": None, **ckpt.priors}
-        return {p: held[p] for p in sorted(held, key=PRIOR_PREFERENCE.index)}
+        return {p: held[p] for p in sorted(held, key=api.prior_order(epochs_trained).index)}
     if name == "standard":
         return {"standard": None}
     if name not in ckpt.priors:

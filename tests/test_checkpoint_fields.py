@@ -45,8 +45,9 @@ FREE = {"args"}
 # two of each stand for them all (every key would be ~30 cases each, and no new kind of fault).
 SAMPLED = {("model",): 2, ("optimizer", "state"): 1}
 # Where training stands: read by --train --resume alone. The other modes are run on each such
-# entry removed (they must not need it), not on every way of breaking it.
-RESUME_ONLY = (*checkpoint.PROGRESS_KEYS, "scaler")
+# entry removed (they must not need it), not on every way of breaking it. The epochs trained are
+# read by every mode (they choose the default prior), so they are broken every way in each.
+RESUME_ONLY = tuple(key for key in (*checkpoint.PROGRESS_KEYS, "scaler") if key != "epoch")
 MODES = {"--sample": ["--num_samples", 2], "--eval": ["--fid_samples", 0, "--iw_samples", 1, "--eval_images", 4],
          "--fit_prior": ["gmm", "--prior_components", 2], "--train": ["--resume", "--n_epochs", 2]}
 

@@ -44,7 +44,7 @@ def test_a_folder_trains_samples_and_evaluates_on_its_held_out_split(tmp_path, c
     code, out, err = run_main(capsys, "--sample", "--checkpoint", path, "--output_dir", tmp_path,
                          "--num_samples", 4, "--seed", 0)
     assert code == 0, err
-    samples = load_torch_file(tmp_path / "runs" / "VanillaVAE_tiles" / "riemannian_prior_samples_n4_seed0.pt",
+    samples = load_torch_file(tmp_path / "runs" / "VanillaVAE_tiles" / "gmm_prior_samples_n4_seed0.pt",
                               "samples")
     assert samples.shape == (4, 1, 28, 28)
 

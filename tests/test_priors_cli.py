@@ -11,6 +11,7 @@ import torch
 
 import checkpoint
 import fitting
+import settings
 from fakedata import write_dataset
 from helpers import (
     TINY_MODEL,
@@ -110,6 +111,20 @@ def test_each_prior_samples_the_models_shape_and_repeats_for_a_seed(capsys, trai
     assert not torch.equal(other, draws[0])
 
 
+def test_sample_draws_from_the_gmm_after_a_short_run_and_the_riemannian_sampler_after_a_long_one(
+        capsys, trained, tmp_path):
+    path = copy_of(trained, tmp_path)
+    for epochs, best in ((settings.SHORT_RUN_EPOCHS - 1, "gmm"), (settings.SHORT_RUN_EPOCHS, "riemannian")):
+        raw = torch.load(path, weights_only=True)
+        raw["epoch"] = epochs  # the file of a run that long, its priors fitted to these weights
+        torch.save(raw, path)
+        code, out, err = run_main(capsys, "--sample", "--checkpoint", path, "--num_samples", 2, "--seed", 0,
+                                  "--output_dir", tmp_path / str(epochs))
+        assert code == 0, err
+        assert f"2 samples from {path}, {best} prior (seed 0)" in out
+        assert next((tmp_path / str(epochs)).rglob(f"{best}_prior_samples_n2_seed0.png"))
+
+
 def test_a_format_1_checkpoint_gets_a_gmm_and_samples_from_it(capsys, tmp_path):
     write_dataset("mnist", tmp_path / "data", n_train=32, n_test=20)
     path = tmp_path / "old.pt"
@@ -186,10 +201,11 @@ def test_eval_reports_the_best_prior_and_with_prior_all_every_prior_side_by_side
             assert figures["fid"] > 0 and figures["kid_std"] >= 0 and 0 <= figures["precision"] <= 1
             assert f"FID, {name} prior" in out and Path(reports[prior]["files"][f"samples_{name}"]).is_file()
         assert "literature's FID-10k is --fid_samples 10000" in out
-    assert list(reports[None]["sample_quality"]) == ["riemannian"] and reports[None]["fid_prior"] == "riemannian"
-    assert "riemannian prior only (--prior all: every prior)" in reports[None]["fid_protocol"]
-    assert list(reports["all"]["sample_quality"]) == ["riemannian", "gmm", "standard"]
-    assert reports["all"]["fid"] == reports["all"]["sample_quality"]["riemannian"]["fid"] == reports[None]["fid"]
+    # one epoch: the short run's order, the gmm first
+    assert list(reports[None]["sample_quality"]) == ["gmm"] and reports[None]["fid_prior"] == "gmm"
+    assert "gmm prior only (--prior all: every prior)" in reports[None]["fid_protocol"]
+    assert list(reports["all"]["sample_quality"]) == ["gmm", "riemannian", "standard"]
+    assert reports["all"]["fid"] == reports["all"]["sample_quality"]["gmm"]["fid"] == reports[None]["fid"]
 
 
 @pytest.mark.parametrize("flags, words", [

@@ -500,9 +500,10 @@ def test_bad_input_in_a_real_process_is_one_line_exit_2(tmp_path, small_data, go
 # ---------------------------------------------------------------- many samples
 
 def peak_mib_of_sampling(checkpoint, output_dir, num_samples):
-    """Peak resident memory of one --sample run, measured by a wrapper process so that
+    """Peak resident memory of one --sample run from the Riemannian sampler (the default after a
+    long run, and the one that draws through HMC), measured by a wrapper process so that
     ru_maxrss (RUSAGE_CHILDREN) is that run's alone."""
-    command = [sys.executable, "VanVAE.py", "--sample", "--checkpoint", str(checkpoint),
+    command = [sys.executable, "VanVAE.py", "--sample", "--prior", "riemannian", "--checkpoint", str(checkpoint),
                "--output_dir", str(output_dir), "--num_samples", str(num_samples), "--seed", "0"]
     wrapper = ("import resource, subprocess, sys\n"
                "code = subprocess.run(sys.argv[1:]).returncode\n"
