@@ -38,7 +38,7 @@ class TrainedVAE:
         self.model = ckpt.model.to(self.device).eval()
         self.config = self.model.config
         self.priors = {"standard": None, **ckpt.priors}
-        self.epochs_trained = ckpt.progress.get("epoch")  # None for a weights-only file
+        self.epochs_trained = ckpt.epochs_trained
 
     @property
     def best_prior(self):

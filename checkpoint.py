@@ -60,7 +60,8 @@ class TrainingState:
 class Checkpoint:
     """A loaded checkpoint: its model on the CPU, its record (None for a weights-only file), its
     priors, and the raw entries of where training stood (resume_state() checks and types them:
-    only --resume needs them, and the other modes work without them)."""
+    only --resume needs them but the epoch count, which load() checks; the other modes work
+    without them)."""
     path: str
     model: VanillaVAE
     training: TrainingRecord | None
@@ -76,6 +77,12 @@ class Checkpoint:
     @property
     def kld_weight(self):
         return self.training.kld_weight if self.training is not None else 1.0
+
+    @property
+    def epochs_trained(self):
+        """The epochs the weights trained, which choose the default prior (api.prior_order);
+        None for a weights-only file."""
+        return self.progress.get("epoch")
 
 
 def default_path(output_dir, dataset):
