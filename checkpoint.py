@@ -222,7 +222,8 @@ def _model(raw):
     if not isinstance(saved, dict):
         raise ValueError(f"config must be a dict, not {type(saved).__name__}")
     names = [f.name for f in fields(VAEConfig)]
-    missing, unknown = [n for n in names if n not in saved], [str(k) for k in saved if k not in names]
+    missing = [f.name for f in fields(VAEConfig) if f.name not in saved and not f.metadata.get("added_later")]
+    unknown = [str(k) for k in saved if k not in names]
     if missing or unknown:
         wrong = f"lacks {', '.join(missing)}" if missing else f"holds unknown {', '.join(unknown)}"
         raise ValueError(f"config {wrong}")

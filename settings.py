@@ -51,6 +51,7 @@ TRAIN_PRIORS = ("riemannian", "gmm")
 GMM_COMPONENTS = 400
 GMM_CODES = 20_000
 GMM_CODES_PER_COMPONENT = GMM_CODES // GMM_COMPONENTS  # 50
+ARCHITECTURES = ("plain", "resnet")  # --architecture: the network's blocks (vae.py)
 LR_SCHEDULES = ("constant", "cosine")  # Adam's learning rate over the run (schedules.py)
 DEFAULT_HIDDEN_DIMS = (32, 64, 128, 256, 512)
 TEST_FRACTION = 0.05  # --test_fraction: the share of the user's own images held out for test
@@ -226,6 +227,11 @@ class VAEConfig:
         "variance is calibrated to each batch's squared error, the sigma-VAE; the best samples "
         "measured, docs/RESULTS.md), bernoulli (BCE on [0,1] intensities) or mse (GenerativeZoo's "
         "per-pixel mean squared error) (default: %(default)s)", choices=RECON_LOSSES)
+    architecture: str = flag(
+        "plain", "the network's blocks: plain (the seed's stride-2 conv + BatchNorm + LeakyReLU blocks) "
+        "or resnet (the same, with a residual block of two 3x3 convolutions after each of the "
+        "decoder's upsampling blocks below full size; --hidden_dims keeps its meaning) "
+        "(default: %(default)s)", choices=ARCHITECTURES, added_later=True)
 
     def __post_init__(self):
         self.image_shape = tuple(int(v) for v in self.image_shape)

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from kernels import BernoulliNLL, Conv2d, ConvTranspose2d
-from settings import DEFAULT_HIDDEN_DIMS, RECON_LOSSES, VAEConfig  # noqa: F401 (vae.VAEConfig)
+from settings import ARCHITECTURES, DEFAULT_HIDDEN_DIMS, RECON_LOSSES, VAEConfig  # noqa: F401 (vae.VAEConfig)
 from util import BadValue
 
 LOG_256 = math.log(256.0)
@@ -26,6 +26,8 @@ def encoder_sizes(size, n_layers):
 
 def check_config(config):
     """Raise BadValue for a configuration that cannot make a working network."""
+    if config.architecture not in ARCHITECTURES:
+        raise BadValue("architecture", f"must be one of {', '.join(ARCHITECTURES)}, not {config.architecture!r}")
     if config.recon_loss not in RECON_LOSSES:
         raise BadValue("recon_loss", f"must be one of {', '.join(RECON_LOSSES)}, not {config.recon_loss!r}")
     if config.latent_dim < 1:
@@ -52,6 +54,29 @@ def deconv_block(c_in, c_out, output_padding):
     return nn.Sequential(ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1,
                                          output_padding=output_padding, bias=False),
                          nn.BatchNorm2d(c_out), nn.LeakyReLU())
+
+
+class ResidualBlock(nn.Module):
+    """x + two 3x3 convolutions of x at its own size (He et al. 2016), then LeakyReLU: more
+    decoder capacity at each scale without changing its sizes or channel counts."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.body = nn.Sequential(Conv2d(channels, channels, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(channels), nn.LeakyReLU(),
+                                  Conv2d(channels, channels, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(channels))
+        self.act = nn.LeakyReLU()
+
+    def forward(self, x):
+        return self.act(x + self.body(x))
+
+
+def upsampling_block(c_in, c_out, output_padding, architecture):
+    """One decoder stage: a deconv block that doubles the size, and under "resnet" a residual
+    block at the new size."""
+    block = deconv_block(c_in, c_out, output_padding)
+    return nn.Sequential(*block, ResidualBlock(c_out)) if architecture == "resnet" else block
 
 
 def at_least_fp32(t):
@@ -89,7 +114,7 @@ class VanillaVAE(nn.Module):
             return (hs[i] - (2 * hs[i + 1] - 1), ws[i] - (2 * ws[i + 1] - 1))
 
         self.decoder_input = nn.Linear(config.latent_dim, flat)
-        self.decoder = nn.Sequential(*[deconv_block(dims[i + 1], dims[i], pad(i + 1))
+        self.decoder = nn.Sequential(*[upsampling_block(dims[i + 1], dims[i], pad(i + 1), config.architecture)
                                        for i in reversed(range(len(dims) - 1))])
         self.final_layer = nn.Sequential(deconv_block(dims[0], dims[0], pad(0)),
                                          Conv2d(dims[0], channels, 3, padding=1))
