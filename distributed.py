@@ -191,7 +191,7 @@ def _run_then_agree(here, work, message_elsewhere):
     if here:
         try:
             result = work()
-        except Exception as e:  # re-raised below, after the other ranks have heard
+        except (Exception, KeyboardInterrupt) as e:  # re-raised below, after the other ranks have heard
             error = e
     if any_rank(error is not None):
         if isinstance(error, UserError) and not is_main():

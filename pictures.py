@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import metrics
-from util import grid_scale, image_grid
+from util import grid_scale, image_grid, written_atomically
 
 TRAVERSAL_DIMS = 10  # rows at most
 TRAVERSAL_STEPS = 11  # columns: -3, -2.4, ..., +3 prior standard deviations
@@ -73,8 +73,8 @@ def save_traversal(model, images, path, caption):
     for row, (j, kl) in enumerate(rows):
         draw.text((4, HEADER_PX + 2 + row * cell + cell // 2 - 8), f"z{j}: KL {kl:.2f} nats",
                   fill="black", font=font)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    picture.save(path)
+    with written_atomically(path) as tmp:
+        picture.save(tmp)
     return path, torch.from_numpy(np.array(picture)).permute(2, 0, 1).float() / 255
 
 
@@ -100,8 +100,8 @@ def sample_frames(run_dir, last_epoch):
 def save_animation(run_dir, last_epoch, path, frame_ms=600, last_frame_ms=2500):
     """The sample grids of every save (sample_frames), one GIF frame each, labelled with the
     epoch; loops.
-    Written through a temporary file, so a reader never sees half of it. Returns the number of
-    frames (0: nothing written)."""
+    Written atomically, so a reader never sees half of it. Returns the number of frames (0:
+    nothing written)."""
     frames = []
     for epoch, png in sample_frames(run_dir, last_epoch):
         with Image.open(png) as image:
@@ -112,8 +112,7 @@ def save_animation(run_dir, last_epoch, path, frame_ms=600, last_frame_ms=2500):
     if not frames:
         return 0
     durations = [frame_ms] * (len(frames) - 1) + [last_frame_ms]
-    tmp = path + ".tmp.gif"
-    frames[0].save(tmp, save_all=True, append_images=frames[1:], duration=durations, loop=0,
-                   optimize=False, disposal=1)
-    os.replace(tmp, path)
+    with written_atomically(path) as tmp:
+        frames[0].save(tmp, save_all=True, append_images=frames[1:], duration=durations, loop=0,
+                       optimize=False, disposal=1)
     return len(frames)

@@ -1,13 +1,13 @@
 """Matplotlib figures of a run: loss curves, latent maps, outlier-score histograms.
 Knows neither models nor datasets."""
 
-import os
-
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from util import written_atomically  # noqa: E402
 
 PANELS = {  # history.csv's column (less its train_/test_ prefix): the panel's title with its unit
     "neg_elbo_nats": "-ELBO, nats/image (lower is better)",
@@ -90,6 +90,6 @@ def plot_score_histograms(scores_in, scores_out, name_in, name_out, xlabel, path
 
 def _save(fig, path):
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
+    with written_atomically(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)

@@ -19,7 +19,17 @@ import schedules
 from board import Board
 from progress import Progress, duration
 from settings import PRECISIONS, TrainSettings  # noqa: F401 (training.TrainSettings)
-from util import BadValue, UserError, first_line, save_image_grid, to_float, write_csv
+from util import (
+    BadValue,
+    Stopped,
+    UserError,
+    first_line,
+    save_image_grid,
+    signal_handlers_back,
+    stops_raise,
+    to_float,
+    write_csv,
+)
 from vae import is_likelihood
 
 
@@ -48,9 +58,14 @@ class _SignalFlag:
     def _set(self, signum, frame):
         self.name = signal.Signals(signum).name
 
+    def raise_from_now(self):
+        """Turn the flag into util.Stopped raised at once, now if a signal came already."""
+        stops_raise()
+        if self.name is not None:
+            raise Stopped(self.name)
+
     def __exit__(self, *exc):
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
+        signal_handlers_back(self._old)
 
 
 # ---------------------------------------------------------------- speed (measured in bench.py)
@@ -312,6 +327,23 @@ def save_outputs_or_warn(model, epoch, settings, test_images, fixed_z, history):
         return None, {}
 
 
+def after_training(stop, finish, model, checkpoint_path, epoch):
+    """finish(model) on rank 0 (None without a finish): the priors fitted to the final weights,
+    which are saved already. Nothing is left to resume, so from here a stop needs no step
+    boundary: it raises util.Stopped at once, saying what the file holds and what is left."""
+    try:
+        stop.raise_from_now()
+        return distributed.on_main(lambda: finish(model)) if finish is not None else None
+    except Stopped as e:
+        names = getattr(finish, "names", ())
+        commands = " and ".join(f"python VanVAE.py --fit_prior {name} --checkpoint {checkpoint_path}"
+                                for name in names)
+        e.left = (f"{checkpoint_path} holds all {epoch} trained epochs (the complete training state) "
+                  f"without the {' and '.join(names) or 'fitted'} prior{'s' if len(names) != 1 else ''}"
+                  + (f"; fit {'them' if len(names) > 1 else 'it'} with: {commands}" if commands else ""))
+        raise
+
+
 @contextlib.contextmanager
 def board_for(settings, first_step):
     """A TensorBoard writer for the block on rank 0 with --tensorboard, else None."""
@@ -329,10 +361,11 @@ def train(model, train_images, test_images, settings, resume=None, finish=None):
     `resume` is the checkpoint.TrainingState to continue from (the model holds its weights
     already: same optimizer, random streams, history), so an interrupted run ends exactly where
     an uninterrupted one does.
-    `finish`, if given, is called on rank 0 after the last epoch as finish(model) -> {name: prior
-    state}, fitted to the final weights and saved with them in the one final save; it also
-    tells its time, finish.seconds(encode seconds per image), for the run's time left. If it
-    fails, the weights are saved without it and its error raised."""
+    `finish`, if given, is called on rank 0 after the last epoch's save as finish(model) ->
+    {name: prior state}, fitted to the final weights and saved with them; it also tells its
+    time, finish.seconds(encode seconds per image), for the run's time left, and its prior
+    `names`. If it fails or is stopped, the file holds the trained weights without it.
+    After the last epoch's save a stop raises util.Stopped at once, saying what it leaves."""
     device = next(model.parameters()).device
     step_fn = TrainStep(model, settings, device)
     train_images, test_images = images_on_device(train_images, device), images_on_device(test_images, device)
@@ -452,18 +485,20 @@ def train(model, train_images, test_images, settings, resume=None, finish=None):
             stop_name = distributed.agreed_signal(stop.name)
             if epoch % settings.run.sample_and_save_frequency == 0 or last or stop_name is not None:
                 state["shuffle_at_epoch_start"] = shuffle_gen.get_state()
-                if last and finish is not None:
-                    try:
-                        priors = distributed.on_main(lambda: finish(model))
-                    except Exception:
-                        save()  # the trained weights are never lost to a failed fit
-                        raise
-                    save(priors)
-                else:
-                    save()
-                paths, grids = distributed.on_main(
-                    lambda: save_outputs_or_warn(model, epoch, settings, test_images, fixed_z,
-                                                 state["history"])) or (None, {})
+                save()  # first, whatever follows: a kill after this loses no trained epoch
+                if last:
+                    priors = after_training(stop, finish, model, settings.checkpoint_path, epoch)
+                    if priors is not None:
+                        save(priors)
+                try:
+                    paths, grids = distributed.on_main(
+                        lambda: save_outputs_or_warn(model, epoch, settings, test_images, fixed_z,
+                                                     state["history"])) or (None, {})
+                except Stopped as e:
+                    e.left = e.left or (f"{settings.checkpoint_path} is complete ({epoch} epochs"
+                                        f"{' and the priors' if finish is not None and last else ''}); "
+                                        f"the pictures of epoch {epoch} may not all be written")
+                    raise
                 if board is not None:
                     board.images(epoch * n_batches, grids)
                 if distributed.is_main():

@@ -4,11 +4,13 @@ tensor files, image grids, seeding, the per-run CSV, and turning uint8 images in
 Imports no project file, and torch only inside the functions that need it, so the command line
 can use UserError before torch is imported."""
 
+import contextlib
 import csv
 import os
 import pickle
 import random
 import re
+import signal
 import socket
 import tempfile
 import time
@@ -48,6 +50,54 @@ class BadValue(UserError):
     def __init__(self, field, message):
         super().__init__(f"{field} {message}")
         self.field = field
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's stop, `kill`), raised where the process is
+    (stops_raise). A KeyboardInterrupt, so whatever cleans up after Ctrl-C cleans up after
+    both. `left`: what the stop leaves on disk, in words, where a stage knows better than the
+    command line (set on the way up by whoever knows it)."""
+
+    def __init__(self, signal_name, left=None):
+        super().__init__(signal_name)
+        self.signal_name, self.left = signal_name, left
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(signal.Signals(signum).name)
+
+
+def stops_raise():
+    """From now on, SIGINT and SIGTERM raise Stopped in the main thread, between any two Python
+    operations: every stage that runs Python answers a stop within the longest single
+    operation it makes (a torch or numpy call), not only the epochs' loop, which polls its own
+    flag between steps instead. Python's default SIGTERM ends the process with no word.
+    Returns the handlers it replaced, for signal_handlers_back."""
+    return {s: signal.signal(s, _raise_stopped) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def signal_handlers_back(previous):
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def written_atomically(path):
+    """Yield a temporary path beside `path` (the same extension, for writers that read the
+    format from it); once the block ends, it replaces `path` whole. On any error or stop the
+    temporary file is removed, so `path` is either as it was or complete, never half."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{_HOST}-{os.getpid()}-", suffix=os.path.splitext(path)[1],
+                               dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def path_problem(path, kind=None, need="read"):
@@ -296,18 +346,16 @@ def save_image_grid(images, path, nrow=None, scale=None):
     """Save float images in [0, 1] (N, C, H, W) as one PNG grid (image_grid); returns the grid."""
     from torchvision.utils import save_image
     grid = image_grid(images, nrow, scale)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_image(grid, path)
+    with written_atomically(path) as tmp:
+        save_image(grid, tmp)
     return grid
 
 
 def write_csv(path, rows):
     """Rewrite a whole CSV from a list of dicts, through a temporary file so a reader never
     sees half of it (the whole history is rewritten, so a resumed run never doubles rows)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
+    with written_atomically(path) as tmp, open(tmp, "w", newline="") as f:
         if rows:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-    os.replace(tmp, path)

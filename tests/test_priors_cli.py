@@ -53,12 +53,15 @@ def test_training_stores_the_gmm_and_riemannian_priors_that_load_weights_only(tr
     assert set(checkpoint.load(trained[1]).priors) == {"gmm", "riemannian"}
 
 
-def test_train_writes_its_final_checkpoint_once_with_the_prior_in_it(tmp_path, monkeypatch):
+def test_train_saves_the_trained_epochs_before_the_fits_then_the_priors_with_them(tmp_path, monkeypatch):
+    """A kill during the fits then loses no epoch (issue 38); the file ends with the priors."""
     writes = []
     real_save = checkpoint.atomic_torch_save
     monkeypatch.setattr(checkpoint, "atomic_torch_save", lambda obj, path: (writes.append(obj), real_save(obj, path)))
-    path = train_tiny(tmp_path, "--sample_and_save_frequency", 5)  # one epoch: one save, the last
-    assert len(writes) == 1 and set(writes[0]["priors"]) == {"gmm", "riemannian"}
+    path = train_tiny(tmp_path, "--sample_and_save_frequency", 5)  # one epoch: the last epoch's saves only
+    assert len(writes) == 2
+    assert writes[0]["epoch"] == 1 and "optimizer" in writes[0] and not writes[0].get("priors")
+    assert writes[1]["epoch"] == 1 and set(writes[1]["priors"]) == {"gmm", "riemannian"}
     assert set(checkpoint.load(path).priors) == {"gmm", "riemannian"}
 
 

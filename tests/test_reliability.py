@@ -20,7 +20,6 @@ from PIL import Image
 
 import checkpoint
 import data
-import metrics
 import training
 import util
 import vae
@@ -115,22 +114,6 @@ def test_a_signal_saves_and_prints_one_line_with_the_resume_command(tmp_path, lo
     ckpt = checkpoint.load(str(path), "mnist")
     checkpoint.resume_state(ckpt)  # whole: --resume can continue it
     assert checkpoint.resume_state(ckpt).epoch >= 1  # epoch 1, or more on a machine slow to deliver the signal
-
-
-def test_a_signal_during_the_last_epochs_evaluation_just_finishes(capsys, monkeypatch, run_folder,
-                                                                   small_data):
-    """Training is complete by then: the run saves and ends as usual, with nothing to resume."""
-    real_evaluate = metrics.mean_elbo_terms
-
-    def interrupted_evaluate(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGINT)  # handled by the loop's flag, not KeyboardInterrupt
-        return real_evaluate(*args, **kwargs)
-    monkeypatch.setattr(training.metrics, "mean_elbo_terms", interrupted_evaluate)
-    code, out, err = run_main(capsys, "--train", "--resume", "--data_dir", small_data,
-                              "--output_dir", run_folder, "--n_epochs", 2)
-    assert code == 0 and err == "", err
-    assert "done:" in out
-    assert util.load_torch_file(run_folder / CHECKPOINT)["epoch"] == 2
 
 
 @pytest.mark.long
