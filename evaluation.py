@@ -15,23 +15,24 @@ import metrics
 import sampling
 import vae
 from progress import Progress
-from util import save_image_grid
+from util import save_image_grid, written_atomically
 
 
 def write_json(report, path):
-    with open(path, "w") as f:
+    with written_atomically(path) as tmp, open(tmp, "w") as f:
         json.dump(report, f, indent=2)
 
 
 def eval_report(model, images, labels, *, raw_images, iw_samples, kld_weight, binarized, seed,
                 fid_samples, cache_dir, out_dir, checkpoint_path, priors, class_names=None,
-                fid_precision="fp32"):
+                fid_precision="fp32", train_images=None):
     """Every --eval figure, the pictures and eval.json in out_dir; returns the report.
 
     `images` are what the model is scored on (binarised if it was trained so); sample quality
     compares each prior's samples (priors: {name: state}, None for N(0, I)) with `raw_images`,
-    whose Inception features (computed in fid_precision) are cached in cache_dir.
-    class_names[label] names the latent map's classes."""
+    whose Inception features (computed in fid_precision) are cached in cache_dir, and, where
+    `train_images` (as the encoder saw them in training) are given, so does the decoder's
+    floor (decoder_floor). class_names[label] names the latent map's classes."""
     reference = None
     if fid_samples > 0:
         print(f"FID reference: the Inception features of the {raw_images.shape[0]} {model.config.dataset} "
@@ -48,6 +49,8 @@ def eval_report(model, images, labels, *, raw_images, iw_samples, kld_weight, bi
                                              os.path.join(out_dir, "eval"))
     report["files"].update(grids)
     report["sample_quality"] = quality
+    if fid_samples > 0 and train_images is not None:
+        report["decoder_floor"] = decoder_floor(model, train_images, fid_samples, seed, reference)
     report["fid_prior"] = next(iter(quality))  # the prior --sample would use, listed first
     report["fid"] = quality[report["fid_prior"]]["fid"]
     others = f"; the {report['fid_prior']} prior only (--prior all: every prior)" if len(quality) == 1 else ""
@@ -117,6 +120,30 @@ def sample_quality_by_prior(model, priors, n_samples, seed, reference, stem):
             figures = fid.sample_quality(ref, feats)
         quality[name] = {**figures, "n_samples": n_samples, "seconds": time.perf_counter() - start}
     return quality, grids
+
+
+def decoder_floor(model, train_images, n_samples, seed, reference):
+    """FID, KID, precision and recall of the decoded posterior means of n_samples training
+    images drawn at random (seeded): samples from the training codes themselves, so the best
+    that any prior drawing near them can reach with this decoder. What a prior's figure lies
+    above it is the prior's; the floor itself is the decoder's."""
+    import fid
+    net, precision, ref = reference
+    n = min(n_samples, train_images.shape[0])
+    rows = torch.randperm(train_images.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+    print(f"the decoder's floor: the posterior means of {n} random training images, decoded, through "
+          "the Inception network", flush=True)
+    start = time.perf_counter()
+    codes = metrics.posterior_means(model, train_images[rows])
+    decoded = torch.empty((n, *model.config.image_shape), dtype=torch.uint8)
+    for part in range(0, n, 1024):
+        decoded[part:part + 1024] = sampling.decoded_uint8(model, codes[part:part + 1024].to(
+            next(model.parameters()).device)).cpu()
+    with Progress("Inception features, training codes decoded", n, "image", estimate=True,
+                  shorter="--fid_samples 2000 (a noisier FID)") as bar:
+        feats = fid.features(net, decoded, device=inception_device(model), on_progress=bar.update,
+                             precision=precision)
+    return {**fid.sample_quality(ref, feats), "n_samples": n, "seconds": time.perf_counter() - start}
 
 
 def eval_figures(model, images, *, iw_samples, kld_weight, binarized, seed=0):
@@ -199,18 +226,25 @@ def format_eval_table(report):
 
 
 def quality_rows(report):
-    """One row per prior: FID (lower is better), KID x 1000 with its std, precision (fidelity)
-    and recall (coverage), both higher is better."""
+    """One row per prior, then the decoder's floor: FID (lower is better), KID x 1000 with its
+    std, precision (fidelity) and recall (coverage), both higher is better."""
     rows = []
     for name, q in report["sample_quality"].items():
         if q["fid"] is None:
             rows.append((f"FID, {name} prior", "-", "skipped (--fid_samples 0)"))
             continue
-        pr = ("" if q["precision"] is None else
-              f"; precision {q['precision']:.3f}, recall {q['recall']:.3f}")
-        rows.append((f"FID, {name} prior", f"{q['fid']:.2f}",
-                     f"KID x 1000 {1000 * q['kid']:.2f} +- {1000 * q['kid_std']:.2f}{pr}"))
+        rows.append((f"FID, {name} prior", f"{q['fid']:.2f}", quality_text(q)))
+    floor = report.get("decoder_floor")
+    if floor is not None:
+        rows.append(("FID, training codes decoded", f"{floor['fid']:.2f}", quality_text(floor) +
+                     f"; the decoder's floor: {floor['n_samples']} training images' posterior means, "
+                     "decoded (no prior can do better with this decoder)"))
     return rows
+
+
+def quality_text(q):
+    pr = "" if q["precision"] is None else f"; precision {q['precision']:.3f}, recall {q['recall']:.3f}"
+    return f"KID x 1000 {1000 * q['kid']:.2f} +- {1000 * q['kid_std']:.2f}{pr}"
 
 
 # ---------------------------------------------------------------- pictures

@@ -344,13 +344,17 @@ def run_eval(args):
                                                own_images=own_images)
     images = data.binarize_fixed(raw_images) if ckpt.binarize else raw_images
     warn_if_fid_is_not_comparable(args.fid_samples, raw_images.shape[0])
+    train_images = None
+    if args.fid_samples > 0:  # for the decoder's floor, as the encoder saw them in training
+        train_images, _, _ = load_training_data(args, ckpt)
+        train_images = data.binarize_fixed(train_images) if ckpt.binarize else train_images
     report = evaluation.eval_report(
         ckpt.model, images, labels, raw_images=raw_images, iw_samples=args.iw_samples,
         kld_weight=ckpt.kld_weight, binarized=ckpt.binarize, seed=args.seed or 0,
         fid_samples=args.fid_samples, cache_dir=args.data_dir, out_dir=out_dir, checkpoint_path=ckpt.path,
         priors=chosen_priors(ckpt, args.prior),
         class_names=data.class_names(ckpt.model.config.dataset, ckpt.training and ckpt.training.data_source),
-        fid_precision=args.fid_precision)
+        fid_precision=args.fid_precision, train_images=train_images)
     print(evaluation.format_eval_table(report))
     for name, file in report["files"].items():
         print(f"  {name:<16} {file}")

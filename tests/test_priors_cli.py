@@ -204,6 +204,10 @@ def test_eval_reports_the_best_prior_and_with_prior_all_every_prior_side_by_side
             assert figures["fid"] > 0 and figures["kid_std"] >= 0 and 0 <= figures["precision"] <= 1
             assert f"FID, {name} prior" in out and Path(reports[prior]["files"][f"samples_{name}"]).is_file()
         assert "literature's FID-10k is --fid_samples 10000" in out
+        # the decoder's floor beside the priors: as many training codes, decoded
+        floor = reports[prior]["decoder_floor"]
+        assert floor["n_samples"] == 16 and floor["fid"] > 0 and "FID, training codes decoded" in out
+    assert reports[None]["decoder_floor"]["fid"] == reports["all"]["decoder_floor"]["fid"]  # seeded: the same codes
     # one epoch: the short run's order, the gmm first
     assert list(reports[None]["sample_quality"]) == ["gmm"] and reports[None]["fid_prior"] == "gmm"
     assert "gmm prior only (--prior all: every prior)" in reports[None]["fid_protocol"]
