@@ -15,7 +15,7 @@ import torch
 
 import checkpoint
 import sampling
-from settings import PRIOR_PREFERENCE, SHORT_RUN_EPOCHS, SHORT_RUN_PRIOR_PREFERENCE
+import settings
 from util import UserError, to_float
 
 
@@ -42,12 +42,12 @@ class TrainedVAE:
 
     @property
     def best_prior(self):
-        """The prior sample() uses when none is named (best_prior below)."""
-        return best_prior(self.priors, self.epochs_trained)
+        """The prior sample() uses when none is named (settings.best_prior)."""
+        return settings.best_prior(self.priors, self.epochs_trained)
 
     def sample(self, n, prior=None, seed=None, on_progress=None):
         """n new images, uint8 (n, C, H, W): z drawn from `prior` (a name in self.priors; None
-        means best_prior), decoded to the decoder's mean and quantised. The same seed gives the
+        means settings.best_prior), decoded to the decoder's mean and quantised. The same seed gives the
         same images, as --sample --seed does. on_progress(images done), if given, after each
         chunk of 1024."""
         name = prior or self.best_prior
@@ -82,21 +82,6 @@ class TrainedVAE:
     def reconstruct(self, images):
         """Each image decoded from its posterior mean, uint8 (N, C, H, W)."""
         return self.decode(self.encode(images).mean)
-
-
-def prior_order(epochs_trained):
-    """Every prior's name, best measured first for weights trained `epochs_trained` epochs
-    (None, a weights-only file's unknown, counts as the default run's length): after a short
-    run the gmm, after a long one the Riemannian sampler (settings.PRIOR_PREFERENCE)."""
-    short = epochs_trained is not None and epochs_trained < SHORT_RUN_EPOCHS
-    return SHORT_RUN_PRIOR_PREFERENCE if short else PRIOR_PREFERENCE
-
-
-def best_prior(fitted, epochs_trained):
-    """Of the fitted prior names (N(0, I) always counts as held), the best measured for weights
-    trained `epochs_trained` epochs (prior_order): what --sample, --eval and sample() use when
-    no prior is named."""
-    return next(name for name in prior_order(epochs_trained) if name == "standard" or name in fitted)
 
 
 def load(path, device="cpu", dataset=None):

@@ -36,7 +36,7 @@ import metrics
 import training
 import util
 import vae
-from settings import RunChoices, TrainingRecord, TrainSettings
+from settings import PRECISIONS, RunChoices, TrainingRecord, TrainSettings
 from util import UserError
 
 IMAGE_SETS = {"grey28": "28 px grey (Fashion-MNIST)", "colour32": "32 px colour"}
@@ -386,7 +386,7 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per usable CPU)")
     p.add_argument("--device", choices=("all", "cpu", "cuda"), default="all",
                    help="which devices to measure (default: all, meaning the CPU and CUDA if present)")
-    p.add_argument("--precision", choices=training.PRECISIONS, default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="(a)'s precision (default: none, meaning settings.RunChoices' default)")
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
                    help="(a)'s memory layout (default: settings.RunChoices' default)")

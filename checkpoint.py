@@ -9,7 +9,7 @@ Format 2 is a dict that torch.load(weights_only=True) reads (tensors and plain v
     optimizer, epoch, step, history, partial, rng (shuffle_at_epoch_start, noise), scaler:
                     a TrainingState (below), where training stands, for --resume; absent from
                     a weights-only file, which samples and evaluates only. epoch, the epochs
-                    trained, also chooses the default prior (api.prior_order)
+                    trained, also chooses the default prior (settings.prior_order)
     priors          {name: priors.py state} fitted after training (gmm, two_stage, flow, riemannian);
                     written with the weights they were fitted to, and dropped by the next
                     training save (new weights)
@@ -80,7 +80,7 @@ class Checkpoint:
 
     @property
     def epochs_trained(self):
-        """The epochs the weights trained, which choose the default prior (api.prior_order);
+        """The epochs the weights trained, which choose the default prior (settings.prior_order);
         None for a weights-only file."""
         return self.progress.get("epoch")
 
@@ -171,7 +171,7 @@ def load(path, dataset=None, image_shape=None):
     except (KeyError, TypeError, ValueError, RuntimeError, UserError) as e:  # BadValue too
         raise UserError(f"{path} does not describe a VanVAE model: {first_line(e)}") from None
     progress = {key: raw[key] for key in (*PROGRESS_KEYS, "scaler") if key in raw}
-    if "epoch" in progress:  # every mode reads it: the epochs trained choose the default prior (api.prior_order)
+    if "epoch" in progress:  # every mode reads it: the epochs trained choose the default prior (settings.prior_order)
         _check_progress_entry(path, progress, "epoch")
     fitted = _checked_priors(raw.get("priors") or {}, model.config, path)
     ckpt = Checkpoint(str(path), model, training, progress, dict(raw.get("args") or {}), fitted)

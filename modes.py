@@ -250,12 +250,12 @@ def run_fit_prior(args):
 
 def chosen_priors(ckpt, name):
     """{name: state} of the priors to sample from: `name` (None: the best it holds, as
-    api.best_prior), "all" for N(0, I) and every fitted one. A prior the checkpoint
+    settings.best_prior), "all" for N(0, I) and every fitted one. A prior the checkpoint
     lacks is one line saying how to fit it."""
-    name = name or api.best_prior(ckpt.priors, ckpt.epochs_trained)
+    name = name or settings.best_prior(ckpt.priors, ckpt.epochs_trained)
     if name == "all":  # the best first: its FID is the report's headline figure
         held = {"standard": None, **ckpt.priors}
-        return {p: held[p] for p in sorted(held, key=api.prior_order(ckpt.epochs_trained).index)}
+        return {p: held[p] for p in sorted(held, key=settings.prior_order(ckpt.epochs_trained).index)}
     if name == "standard":
         return {"standard": None}
     if name not in ckpt.priors:

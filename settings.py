@@ -30,7 +30,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 PRIORS = ("standard", "gmm", "two_stage", "flow", "riemannian")  # where z comes from (priors.py)
 # Which fitted prior --sample and --eval use when --prior is not given: the first of these that
 # the checkpoint holds, best measured first (FID-10k, docs/RESULTS.md); standard always exists.
-# The order depends on how long the weights trained (api.prior_order). riemannian beat gmm after
+# The order depends on how long the weights trained (prior_order). riemannian beat gmm after
 # 100 epochs (the length --train runs by default) on both seeds measured: 27.64 against 28.80 on
 # seed 0 (bf16 Inception), 29.36 against 30.27 on seed 1 (fp32). gmm beat it after 10 epochs (the
 # README's first command) on both: 45.97 against 48.90 on seed 0 (bf16), 52.35 against 58.40 on
@@ -40,6 +40,23 @@ PRIORS = ("standard", "gmm", "two_stage", "flow", "riemannian")  # where z comes
 PRIOR_PREFERENCE = ("riemannian", "gmm", "flow", "two_stage", "standard")
 SHORT_RUN_PRIOR_PREFERENCE = ("gmm", "riemannian", "flow", "two_stage", "standard")
 SHORT_RUN_EPOCHS = 100  # weights trained fewer epochs than this use SHORT_RUN_PRIOR_PREFERENCE
+
+
+def prior_order(epochs_trained):
+    """Every prior's name, best measured first for weights trained `epochs_trained` epochs
+    (None, a weights-only file's unknown, counts as the default run's length): after a short
+    run the gmm, after a long one the Riemannian sampler (PRIOR_PREFERENCE)."""
+    short = epochs_trained is not None and epochs_trained < SHORT_RUN_EPOCHS
+    return SHORT_RUN_PRIOR_PREFERENCE if short else PRIOR_PREFERENCE
+
+
+def best_prior(fitted, epochs_trained):
+    """Of the fitted prior names (N(0, I) always counts as held), the best measured for weights
+    trained `epochs_trained` epochs (prior_order): what --sample, --eval, the last training
+    grid and api's sample() use when no prior is named."""
+    return next(name for name in prior_order(epochs_trained) if name == "standard" or name in fitted)
+
+
 # What --train fits after its last epoch (fitting.PriorsAfterTraining), in this order: both cost
 # little (4.2 s and 38.8 s on a 2-core AVX2-only EPYC, docs/RESULTS.md).
 TRAIN_PRIORS = ("riemannian", "gmm")
@@ -52,6 +69,12 @@ GMM_COMPONENTS = 400
 GMM_CODES = 20_000
 GMM_CODES_PER_COMPONENT = GMM_CODES // GMM_COMPONENTS  # 50
 ARCHITECTURES = ("plain", "resnet")  # --architecture: the network's blocks (vae.py)
+# The sample grids --train saves before its last epoch come from a mixture of WATCH_COMPONENTS
+# fitted to WATCH_CODES training codes at each save (about a second on 2 CPU cores), so a user
+# watching sees samples near what --sample will give, not N(0, I)'s (docs/RESULTS.md); the last
+# grid comes from the prior --sample uses.
+WATCH_COMPONENTS = 10
+WATCH_CODES = 5000
 LR_SCHEDULES = ("constant", "cosine")  # Adam's learning rate over the run (schedules.py)
 DEFAULT_HIDDEN_DIMS = (32, 64, 128, 256, 512)
 TEST_FRACTION = 0.05  # --test_fraction: the share of the user's own images held out for test

@@ -18,7 +18,7 @@ import metrics
 import schedules
 from board import Board
 from progress import Progress, duration
-from settings import PRECISIONS, TrainSettings  # noqa: F401 (training.TrainSettings)
+from settings import GMM_CODES_PER_COMPONENT, PRECISIONS, WATCH_CODES, WATCH_COMPONENTS, best_prior
 from util import (
     BadValue,
     Stopped,
@@ -283,23 +283,47 @@ def check_finite_weights(model, checkpoint_path):
 TRAVERSAL_IMAGES = 1000  # test images that rank the latent dimensions for a save's traversal
 
 
-def save_outputs(model, epoch, settings, test_images, fixed_z, history):
-    """Prior samples from a fixed z, test images above their reconstructions, the latent
+def watch_samples(model, train_images, settings, epoch, priors=None):
+    """(uint8 samples, where they come from in words) for a save's sample grid: from the prior
+    --sample will use where the final `priors` are given (the last save), else from a mixture
+    of WATCH_COMPONENTS full-covariance Gaussians fitted to WATCH_CODES training codes, about
+    a second of EM. The same seed at every save: grids differ by the weights and the fit only."""
+    import priors as latent_priors
+    import sampling
+    seed = settings.record.seed
+    if priors is not None:
+        name = best_prior(priors, epoch)
+        state, words = priors.get(name), f"the {name} prior, as --sample draws"
+    else:
+        rows = torch.randperm(train_images.shape[0], generator=torch.Generator().manual_seed(seed + 3))
+        codes = metrics.posterior_means(model, train_images[rows[:WATCH_CODES].to(train_images.device)])
+        k = min(WATCH_COMPONENTS, max(1, codes.shape[0] // GMM_CODES_PER_COMPONENT))
+        try:
+            state = latent_priors.fit_gmm(codes, k, seed, f"{codes.shape[0]} training codes")
+            words = f"a {k}-component gmm fitted to {codes.shape[0]} training codes"
+        except ValueError:  # codes EM cannot fit (too few, all alike): the grid still shows the decoder
+            state, words = None, "N(0, I): no mixture could be fitted to the codes"
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(seed + 2)
+    return sampling.prior_samples_uint8(model, settings.run.num_samples, generator, state), words
+
+
+def save_outputs(model, epoch, settings, train_images, test_images, history, priors=None):
+    """Prior samples (watch_samples), test images above their reconstructions, the latent
     traversal, CSV, curves; after the last epoch the samples' animation. Returns
     {name: path} and {name: grid tensor} (for TensorBoard)."""
     from pictures import save_animation, save_traversal  # Pillow drawing; only needed here
     from plots import plot_loss_curves  # matplotlib is slow to import; only needed here
+    samples, samples_from = watch_samples(model, train_images, settings, epoch, priors)
     model.eval()
     with torch.no_grad():
-        samples = model.mean_image(model.decode(fixed_z))
         k = min(8, test_images.shape[0])
-        x = to_float(test_images[:k], fixed_z.device)
+        x = to_float(test_images[:k], next(model.parameters()).device)
         pairs = torch.cat([x, model.reconstruct(x)])
     model.train()
     paths = {"samples": f"{settings.run_dir}/samples_epoch_{epoch:04d}.png",
              "reconstructions": f"{settings.run_dir}/reconstructions_epoch_{epoch:04d}.png",
              "traversals": f"{settings.run_dir}/traversals_epoch_{epoch:04d}.png"}
-    grids = {"samples": save_image_grid(samples, paths["samples"]),
+    grids = {"samples": save_image_grid(samples.float() / 255, paths["samples"]),
              "reconstructions": save_image_grid(pairs, paths["reconstructions"], nrow=k)}
     _, grids["traversals"] = save_traversal(model, test_images[:TRAVERSAL_IMAGES], paths["traversals"],
                                             f"epoch {epoch}")
@@ -309,15 +333,16 @@ def save_outputs(model, epoch, settings, test_images, fixed_z, history):
         animation = f"{settings.run_dir}/samples_over_training.gif"
         if save_animation(settings.run_dir, epoch, animation):
             paths["animation"] = animation
+    paths["samples_from"] = samples_from
     return paths, grids
 
 
-def save_outputs_or_warn(model, epoch, settings, test_images, fixed_z, history):
+def save_outputs_or_warn(model, epoch, settings, train_images, test_images, history, priors=None):
     """save_outputs(), or (None, {}) and one warning line if the disk refuses: pictures and logs
     never cost the training (the checkpoint is saved already), and the next save writes them
     all again."""
     try:
-        return save_outputs(model, epoch, settings, test_images, fixed_z, history)
+        return save_outputs(model, epoch, settings, train_images, test_images, history, priors)
     except (OSError, RuntimeError, ValueError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
         where = getattr(e, "filename", None) or settings.run_dir
@@ -390,9 +415,6 @@ def train(model, train_images, test_images, settings, resume=None, finish=None):
                             f"model (optimizer, rng or scaler: {first_line(e)})",
                             remedy=("weights_only", {})) from None
         state.update(epoch=resume.epoch, step=resume.step, history=list(resume.history), partial=resume.partial)
-    # A fixed prior draw, so the sample grids of successive epochs are comparable.
-    fixed_z = torch.randn((settings.run.num_samples, model.config.latent_dim),
-                          generator=torch.Generator().manual_seed(settings.record.seed + 2)).to(device)
     n_batches = batches_per_epoch(train_images.shape[0], settings.record.batch_size)
     batch = min(settings.record.batch_size, train_images.shape[0])
     rows = distributed.batch_rows(batch)  # this process's share of every global batch
@@ -486,14 +508,15 @@ def train(model, train_images, test_images, settings, resume=None, finish=None):
             if epoch % settings.run.sample_and_save_frequency == 0 or last or stop_name is not None:
                 state["shuffle_at_epoch_start"] = shuffle_gen.get_state()
                 save()  # first, whatever follows: a kill after this loses no trained epoch
+                priors = None
                 if last:
                     priors = after_training(stop, finish, model, settings.checkpoint_path, epoch)
                     if priors is not None:
                         save(priors)
                 try:
                     paths, grids = distributed.on_main(
-                        lambda: save_outputs_or_warn(model, epoch, settings, test_images, fixed_z,
-                                                     state["history"])) or (None, {})
+                        lambda: save_outputs_or_warn(model, epoch, settings, train_images, test_images,
+                                                     state["history"], priors)) or (None, {})
                 except Stopped as e:
                     e.left = e.left or (f"{settings.checkpoint_path} is complete ({epoch} epochs"
                                         f"{' and the priors' if finish is not None and last else ''}); "
@@ -503,8 +526,8 @@ def train(model, train_images, test_images, settings, resume=None, finish=None):
                     board.images(epoch * n_batches, grids)
                 if distributed.is_main():
                     print(f"saved {settings.checkpoint_path}"
-                          + (f", {paths['samples']}, {paths['reconstructions']}, {paths['traversals']}"
-                             if paths else "")
+                          + (f", {paths['samples']} (samples from {paths['samples_from']}), "
+                             f"{paths['reconstructions']}, {paths['traversals']}" if paths else "")
                           + (f"; the samples over training: {paths['animation']}"
                              if paths and "animation" in paths else ""), flush=True)
             if stop_name is not None and not last:  # after the last epoch there is nothing to resume

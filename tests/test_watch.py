@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -16,6 +17,7 @@ import checkpoint
 import data
 import pictures
 import plots
+import sampling
 import util
 from helpers import TINY_MODEL, run_cli
 
@@ -138,6 +140,21 @@ def test_the_samples_animation_has_one_frame_per_save(small_data, tmp_path):
         assert gif.n_frames == 3
     with Image.open(run / "samples_epoch_0001.png") as grid:  # 16 samples of 28 px, enlarged 4x
         assert grid.size == (4 * 114 + 2, 4 * 114 + 2)
+
+
+def test_the_grids_a_run_saves_come_from_a_fitted_mixture_and_the_last_from_the_prior_sample_uses(
+        small_data, tmp_path):
+    """A user watching training sees samples like those --sample will give, not N(0, I)'s."""
+    out = train(small_data, tmp_path / "out", "--n_epochs", "2", "--sample_and_save_frequency", "1").stdout
+    assert "samples_epoch_0001.png (samples from a 1-component gmm fitted to 64 training codes)" in out
+    assert "samples_epoch_0002.png (samples from the gmm prior, as --sample draws)" in out
+    ckpt = checkpoint.load(str(checkpoint.default_path(tmp_path / "out", "mnist")))
+    drawn = sampling.prior_samples_uint8(ckpt.model, 16, torch.Generator().manual_seed(3 + 2), ckpt.priors["gmm"])
+    util.save_image_grid(drawn.float() / 255, str(tmp_path / "expected.png"))
+    with Image.open(run_folder(tmp_path / "out") / "samples_epoch_0002.png") as saved, \
+            Image.open(tmp_path / "expected.png") as expected:
+        difference = (torch.tensor(np.array(saved), dtype=torch.float) - torch.tensor(np.array(expected))).abs()
+    assert difference.mean() < 0.5  # the same images, up to a rounding of the decoder's last bit
 
 
 def test_a_long_run_animates_at_most_max_frames_saves_evenly_first_and_last_kept(tmp_path):
