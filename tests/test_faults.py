@@ -232,7 +232,8 @@ def test_flags_are_checked_without_importing_torch():
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
 
 
-def test_ctrl_c_while_the_libraries_import_stops_the_run(tmp_path, small_data):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_while_the_libraries_import_stops_the_run(tmp_path, small_data, signum):
     proc = subprocess.Popen([sys.executable, "-X", "importtime", "VanVAE.py",
                              *map(str, train_flags(small_data, tmp_path, "--n_epochs", 50))],
                             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -242,11 +243,12 @@ def test_ctrl_c_while_the_libraries_import_stops_the_run(tmp_path, small_data):
         chunk = proc.stderr.read1(65536)
         assert chunk, seen[-2000:]
         seen += chunk
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=WAIT_S)
     lines = [line for line in err.decode().splitlines() if not line.startswith("import time:")]
     assert proc.returncode == 130, lines
-    assert lines == ["VanVAE.py: --train interrupted; nothing was saved"], lines
+    assert lines == [f"VanVAE.py: --train stopped by {signal.Signals(signum).name}; no epoch had ended, "
+                     "so nothing was saved"], lines
     assert not (tmp_path / CHECKPOINT).exists()
 
 
