@@ -10,7 +10,6 @@
 import argparse
 import os
 import shlex
-import signal
 import sys
 
 import settings
@@ -159,24 +158,12 @@ def check_flags(args):
 
 
 def import_the_work():
-    """Import the modules that do the work with Ctrl-C and SIGTERM only noted meanwhile, by a
-    handler that raises nothing: medmnist's import has a bare `except:` that would swallow the
-    stop. A stop that came then is raised right after. (Blocking the signals instead protected
-    only the threads that inherit the mask: once, in a full test run, the press was lost and
-    the run carried on to the end.)"""
+    """Import the modules that do the work, with stops held until they are in (util.stops_held)."""
     global modes, distributed, training
-    pressed = []
-    previous = {s: signal.signal(s, lambda signum, frame: pressed.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with util.stops_held():
         import distributed
         import modes
         import training
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    if pressed:
-        raise util.Stopped(signal.Signals(pressed[0]).name)
 
 
 def given_flags(parser, argv):

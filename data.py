@@ -16,7 +16,6 @@ import pickle
 import shutil
 import tempfile
 
-import medmnist
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -24,7 +23,7 @@ from torchvision import datasets
 
 import images as image_files  # the user's own images (`images` names tensors here)
 from settings import DATASETS, TEST_FRACTION
-from util import UserError, first_line
+from util import UserError, first_line, stops_held
 
 MEDMNIST_SIZES = (28, 64, 128, 224)
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
@@ -32,8 +31,10 @@ DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # apt-get install da
 # Looked up at call time, so a test can swap in a subclass whose md5 entries are None.
 TORCHVISION_CLASSES = {"mnist": datasets.MNIST, "fashionmnist": datasets.FashionMNIST,
                        "cifar10": datasets.CIFAR10, "svhn": datasets.SVHN}
-MEDMNIST_CLASSES = {"chestmnist": medmnist.ChestMNIST, "octmnist": medmnist.OCTMNIST,
-                    "tissuemnist": medmnist.TissueMNIST, "pneumoniamnist": medmnist.PneumoniaMNIST}
+# medmnist is imported only when one of these is read (medmnist_class): its import pulls in
+# pandas and scikit-learn, which a user of the other datasets (or a GPU machine) need not have.
+MEDMNIST_CLASS_NAMES = {"chestmnist": "ChestMNIST", "octmnist": "OCTMNIST", "tissuemnist": "TissueMNIST",
+                        "pneumoniamnist": "PneumoniaMNIST"}
 NATIVE_SHAPES = {"mnist": (1, 28, 28), "fashionmnist": (1, 28, 28),
                  "cifar10": (3, 32, 32), "svhn": (3, 32, 32)}
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -79,11 +80,21 @@ def source_options(source):
     return {"channels": source["channels"], "test_fraction": source["test_fraction"]}
 
 
+def medmnist_module():
+    with stops_held():  # its import's bare `except:` would swallow a Ctrl-C
+        import medmnist
+    return medmnist
+
+
+def medmnist_class(name):
+    return getattr(medmnist_module(), MEDMNIST_CLASS_NAMES[name])
+
+
 def image_shape(name, image_size=None):
     """(C, H, W) of the dataset's images; image_size picks a MedMNIST resolution (default 28)."""
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
-    if name in MEDMNIST_CLASSES:
+    if name in MEDMNIST_CLASS_NAMES:
         size = 28 if image_size is None else image_size
         if size not in MEDMNIST_SIZES:
             raise UserError(f"{name} comes in sizes {', '.join(map(str, MEDMNIST_SIZES))}, "
@@ -188,8 +199,8 @@ def class_names(dataset, source=None):
         return list(CIFAR10_CLASSES)
     if dataset == "chestmnist":
         return ["no finding", "any finding"]
-    if dataset in MEDMNIST_CLASSES:
-        labels = medmnist.INFO[dataset]["label"]
+    if dataset in MEDMNIST_CLASS_NAMES:
+        labels = medmnist_module().INFO[dataset]["label"]
         return [labels[str(i)] for i in range(len(labels))]
     classes = (source or {}).get("classes")
     return list(classes) if classes else None
@@ -253,7 +264,7 @@ def _needed_files(name, split, data_dir, size):
     if name == "svhn":
         return [os.path.join(data_dir, f"{split}_32x32.mat")]
     suffix = "" if size == 28 else f"_{size}"
-    return [os.path.join(data_dir, f"{MEDMNIST_CLASSES[name].flag}{suffix}.npz")]
+    return [os.path.join(data_dir, f"{medmnist_class(name).flag}{suffix}.npz")]
 
 
 def _missing(paths):
@@ -262,9 +273,9 @@ def _missing(paths):
 
 def _read(name, split, data_dir, size, download):
     """The split's arrays taken straight from the library's dataset object."""
-    if name in MEDMNIST_CLASSES:
+    if name in MEDMNIST_CLASS_NAMES:
         # Never len(dataset): medmnist asserts the official sample count there.
-        dataset = MEDMNIST_CLASSES[name](split=split, root=data_dir, download=download, size=size)
+        dataset = medmnist_class(name)(split=split, root=data_dir, download=download, size=size)
         images = torch.from_numpy(np.ascontiguousarray(dataset.imgs)).unsqueeze(1)
         labels = dataset.labels.any(axis=1) if name == "chestmnist" else dataset.labels[:, 0]
         return images, torch.from_numpy(labels.astype(np.int64))

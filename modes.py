@@ -110,7 +110,7 @@ def load_resume(args, path):
     dataset = ckpt.model.config.dataset
     if data.is_named(dataset):
         image_size = args.image_size
-        if image_size is None and dataset in data.MEDMNIST_CLASSES:
+        if image_size is None and dataset in data.MEDMNIST_CLASS_NAMES:
             image_size = ckpt.model.config.image_shape[-1]  # a 64 px run resumes without --image_size
         checkpoint.check_matches(ckpt, image_shape=data.image_shape(dataset, image_size))
     state = checkpoint.resume_state(ckpt)

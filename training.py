@@ -435,7 +435,9 @@ def train(model, train_images, test_images, settings, resume=None, finish=None):
     with _SignalFlag() as stop, board_for(settings, first_global_step) as board:
         for epoch in range(state["epoch"] + 1, settings.run.n_epochs + 1):
             state["shuffle_at_epoch_start"] = shuffle_gen.get_state()
-            order = torch.randperm(train_images.shape[0], generator=shuffle_gen)
+            # Drawn on the CPU as on every device (the same order everywhere), then moved once an
+            # epoch to where the images are, so a step on a GPU indexes them with no host copy.
+            order = torch.randperm(train_images.shape[0], generator=shuffle_gen).to(train_images.device)
             first_step, partial = state["step"], state["partial"]
             # Saved sums cover all processes, so only rank 0 resumes with them.
             sums = (partial["sums"].to(device) if partial is not None and distributed.is_main()

@@ -82,6 +82,23 @@ def signal_handlers_back(previous):
 
 
 @contextlib.contextmanager
+def stops_held():
+    """Within the block, Ctrl-C and SIGTERM are only noted, and raised as Stopped once it ends:
+    for imports, since medmnist's has a bare `except:` that would swallow the stop. (Blocking the
+    signals instead protected only the threads that inherit the mask: once, in a full test run,
+    the press was lost and the run carried on to the end.)"""
+    noted = []
+    previous = {s: signal.signal(s, lambda signum, frame: noted.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        signal_handlers_back(previous)
+    if noted:
+        raise Stopped(signal.Signals(noted[0]).name)
+
+
+@contextlib.contextmanager
 def written_atomically(path):
     """Yield a temporary path beside `path` (the same extension, for writers that read the
     format from it); once the block ends, it replaces `path` whole. On any error or stop the

@@ -34,3 +34,5 @@ def long_data(tmp_path_factory):
 # minutes on a slower 2-core CPU as well; .ci/run runs both tiers.
 def pytest_configure(config):
     config.addinivalue_line("markers", "long: the long tier; run with pytest -m long (.ci/run runs it)")
+    config.addinivalue_line("markers", "device: the accelerator's paths (tests/test_device.py), run on "
+                                       "VANVAE_TEST_DEVICE by benchmarks/device_check.py")
