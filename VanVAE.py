@@ -11,6 +11,7 @@ import argparse
 import os
 import shlex
 import sys
+import time
 
 import settings
 import util
@@ -238,10 +239,13 @@ def lost_contact_message(args, reason):
 STOPPED = 130  # the exit status of every stop, Ctrl-C's or SIGTERM's, in every mode and stage
 
 
-def what_a_stop_leaves(args, mode):
-    """What a stop leaves on disk, in words, where the stage that was stopped did not say."""
+def what_a_stop_leaves(args, mode, started):
+    """What a stop leaves on disk, in words, where the stage that was stopped did not say.
+    started: time.time() when this run began."""
     path = modes.checkpoint_for(args) if modes is not None else args.checkpoint
     if mode == "train":
+        if path and os.path.exists(path) and os.path.getmtime(path) >= started:  # a stop between stages
+            return f"{path} holds this run's last save, whole"
         return (f"no epoch had ended; {path} is as it was" if args.resume
                 else "no epoch had ended, so nothing was saved")
     if mode == "fit_prior":
@@ -260,6 +264,7 @@ def main(argv=None):
 
 
 def run_mode(argv):
+    started = time.time()
     parser = build_parser()
     args = parser.parse_args(argv)
     args.given = given_flags(parser, sys.argv[1:] if argv is None else argv)
@@ -275,7 +280,7 @@ def run_mode(argv):
         return 2
     except KeyboardInterrupt as e:
         print(f"VanVAE.py: --{mode} stopped by {getattr(e, 'signal_name', 'SIGINT')}{rank_words()}; "
-              f"{getattr(e, 'left', None) or what_a_stop_leaves(args, mode)}", file=sys.stderr)
+              f"{getattr(e, 'left', None) or what_a_stop_leaves(args, mode, started)}", file=sys.stderr)
         return STOPPED
     except Exception as e:
         reason = distributed.lost_contact(e) if distributed is not None and mode == "train" else None

@@ -352,21 +352,13 @@ def save_outputs_or_warn(model, epoch, settings, train_images, test_images, hist
         return None, {}
 
 
-def after_training(stop, finish, model, checkpoint_path, epoch):
-    """finish(model) on rank 0 (None without a finish): the priors fitted to the final weights,
-    which are saved already. Nothing is left to resume, so from here a stop needs no step
-    boundary: it raises util.Stopped at once, saying what the file holds and what is left."""
-    try:
-        stop.raise_from_now()
-        return distributed.on_main(lambda: finish(model)) if finish is not None else None
-    except Stopped as e:
-        names = getattr(finish, "names", ())
-        commands = " and ".join(f"python VanVAE.py --fit_prior {name} --checkpoint {checkpoint_path}"
-                                for name in names)
-        e.left = (f"{checkpoint_path} holds all {epoch} trained epochs (the complete training state) "
-                  f"without the {' and '.join(names) or 'fitted'} prior{'s' if len(names) != 1 else ''}"
-                  + (f"; fit {'them' if len(names) > 1 else 'it'} with: {commands}" if commands else ""))
-        raise
+def without_priors(finish, checkpoint_path, epoch):
+    """What the file holds after the last epoch's first save, and the commands that do the rest."""
+    names = getattr(finish, "names", ())
+    commands = " and ".join(f"python VanVAE.py --fit_prior {name} --checkpoint {checkpoint_path}" for name in names)
+    return (f"{checkpoint_path} holds all {epoch} trained epochs (the complete training state) without the "
+            f"{' and '.join(names)} prior{'s' if len(names) != 1 else ''}; fit {'them' if len(names) > 1 else 'it'} "
+            f"with: {commands}") if names else f"{checkpoint_path} holds all {epoch} trained epochs"
 
 
 @contextlib.contextmanager
@@ -511,18 +503,23 @@ def train(model, train_images, test_images, settings, resume=None, finish=None):
                 state["shuffle_at_epoch_start"] = shuffle_gen.get_state()
                 save()  # first, whatever follows: a kill after this loses no trained epoch
                 priors = None
-                if last:
-                    priors = after_training(stop, finish, model, settings.checkpoint_path, epoch)
-                    if priors is not None:
-                        save(priors)
+                # After the last epoch nothing is left to resume, so a stop needs no step boundary:
+                # from here it raises util.Stopped at once, and says what the file holds.
+                left = without_priors(finish, settings.checkpoint_path, epoch)
                 try:
+                    if last:
+                        stop.raise_from_now()
+                        if finish is not None:
+                            priors = distributed.on_main(lambda: finish(model))
+                            save(priors)
+                        left = (f"{settings.checkpoint_path} is complete ({epoch} epochs"
+                                f"{' and the priors' if finish is not None else ''}); the pictures of "
+                                f"epoch {epoch} may not all be written")
                     paths, grids = distributed.on_main(
                         lambda: save_outputs_or_warn(model, epoch, settings, train_images, test_images,
                                                      state["history"], priors)) or (None, {})
                 except Stopped as e:
-                    e.left = e.left or (f"{settings.checkpoint_path} is complete ({epoch} epochs"
-                                        f"{' and the priors' if finish is not None and last else ''}); "
-                                        f"the pictures of epoch {epoch} may not all be written")
+                    e.left = e.left or left
                     raise
                 if board is not None:
                     board.images(epoch * n_batches, grids)
