@@ -36,6 +36,7 @@ def test_a_format_1_file_reads_back_its_training_record():
     assert ckpt.training == TrainingRecord("mnist", seed=3, batch_size=8, lr=0.001,
                                                       kld_weight=0.5, binarize=True)
     assert ckpt.model.config.latent_dim == 4 and checkpoint.resume_state(ckpt).epoch == 1
+    assert ckpt.model.config.architecture == "plain"  # written before --architecture: the seed's network
     checkpoint.resume_state(ckpt)  # whole: --resume can continue it
 
 

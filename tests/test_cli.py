@@ -91,7 +91,7 @@ def test_checkpoint_loads_weights_only_and_holds_the_configuration(trained):
     ckpt = torch.load(tmp / "out" / "models" / "VanillaVAE" / "VanillaVAE_mnist.pt", weights_only=True)
     assert ckpt["format_version"] == checkpoint.FORMAT_VERSION
     assert ckpt["config"] == {"dataset": "mnist", "image_shape": [1, 28, 28], "latent_dim": 4,
-                              "hidden_dims": [8, 16], "recon_loss": "gaussian"}
+                              "hidden_dims": [8, 16], "recon_loss": "gaussian", "architecture": "plain"}
     assert ckpt["epoch"] == 1 and len(ckpt["history"]) == 1
     assert ckpt["args"]["seed"] == 3 and "optimizer" in ckpt
     checkpoint.load(tmp / "out" / "models" / "VanillaVAE" / "VanillaVAE_mnist.pt")

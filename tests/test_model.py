@@ -13,8 +13,10 @@ from util import UserError
 
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 28, 28), (1, 32, 32), (3, 32, 32), (1, 64, 64), (3, 64, 64)])
 @pytest.mark.parametrize("hidden_dims", [vae.DEFAULT_HIDDEN_DIMS, (8, 16, 24)])
-def test_decoder_returns_the_input_shape(shape, hidden_dims):
-    model = vae.VanillaVAE(vae.VAEConfig("test", shape, latent_dim=8, hidden_dims=hidden_dims))
+@pytest.mark.parametrize("architecture", vae.ARCHITECTURES)
+def test_decoder_returns_the_input_shape(shape, hidden_dims, architecture):
+    model = vae.VanillaVAE(vae.VAEConfig("test", shape, latent_dim=8, hidden_dims=hidden_dims,
+                                         architecture=architecture))
     x = torch.rand(2, *shape)
     mu, logvar = model.encode(x)
     assert mu.shape == logvar.shape == (2, 8)
@@ -30,6 +32,14 @@ def test_every_likelihood_gives_finite_per_image_terms(recon_loss):
     assert torch.isfinite(terms["loss"]) and (terms["kl"] >= 0).all()
     samples = model.sample(2)
     assert samples.min() >= 0 and samples.max() <= 1
+
+
+def test_resnet_adds_residual_blocks_to_the_decoder_only_and_keeps_hidden_dims_meaning():
+    plain, resnet = (vae.VanillaVAE(vae.VAEConfig("test", (1, 28, 28), architecture=a)) for a in vae.ARCHITECTURES)
+    assert str(plain.encoder) == str(resnet.encoder)  # the same encoder
+    blocks = [m for m in resnet.decoder.modules() if isinstance(m, vae.ResidualBlock)]
+    assert [b.body[0].in_channels for b in blocks] == list(reversed(vae.DEFAULT_HIDDEN_DIMS[:-1]))
+    assert not any(isinstance(m, vae.ResidualBlock) for m in plain.modules())
 
 
 def test_hidden_dims_too_deep_for_the_image_is_a_user_error():
