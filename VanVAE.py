@@ -159,12 +159,14 @@ def check_flags(args):
 
 
 def import_the_work():
-    """Import the modules that do the work, with stops held until they are in (util.stops_held)."""
+    """Import the modules that do the work (torch and its libraries: seconds). A stop meanwhile
+    raises at once (util.stops_raise): none of these imports swallows it (medmnist's bare
+    `except:` would, so data.py imports medmnist only when a MedMNIST set is read, with stops
+    held, util.stops_held)."""
     global modes, distributed, training
-    with util.stops_held():
-        import distributed
-        import modes
-        import training
+    import distributed
+    import modes
+    import training
 
 
 def given_flags(parser, argv):
