@@ -105,19 +105,13 @@ def sample_quality_by_prior(model, priors, n_samples, seed, reference, stem):
         save_image_grid(grid.float() / 255, grids[f"samples_{name}"], nrow=8)
         figures = {"fid": None, "kid": None, "kid_std": None, "precision": None, "recall": None}
         if n_samples > 0:
-            import fid
-            net, precision, ref = reference
             print(f"sample quality of the {name} prior: {n_samples} samples through the Inception "
                   "network", flush=True)
             with Progress(f"drawing {name} prior samples", n_samples, "image") as bar:
                 samples = sampling.prior_samples_uint8(model, n_samples, torch.Generator(device).manual_seed(seed),
                                                        state, on_progress=bar.update)
-            with Progress(f"Inception features, {name} prior", n_samples, "image", estimate=True,
-                          shorter="--fid_samples 2000 (a noisier FID)" + (
-                              "" if len(priors) == 1 else " or leaving out --prior all (one prior)")) as bar:
-                feats = fid.features(net, samples, device=inception_device(model), on_progress=bar.update,
-                                     precision=precision)
-            figures = fid.sample_quality(ref, feats)
+            figures = quality_of(samples, model, reference, f"{name} prior", "" if len(priors) == 1 else
+                                 " or leaving out --prior all (one prior)")
         quality[name] = {**figures, "n_samples": n_samples, "seconds": time.perf_counter() - start}
     return quality, grids
 
@@ -127,23 +121,26 @@ def decoder_floor(model, train_images, n_samples, seed, reference):
     images drawn at random (seeded): samples from the training codes themselves, so the best
     that any prior drawing near them can reach with this decoder. What a prior's figure lies
     above it is the prior's; the floor itself is the decoder's."""
-    import fid
-    net, precision, ref = reference
     n = min(n_samples, train_images.shape[0])
     rows = torch.randperm(train_images.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
     print(f"the decoder's floor: the posterior means of {n} random training images, decoded, through "
           "the Inception network", flush=True)
     start = time.perf_counter()
-    codes = metrics.posterior_means(model, train_images[rows])
-    decoded = torch.empty((n, *model.config.image_shape), dtype=torch.uint8)
-    for part in range(0, n, 1024):
-        decoded[part:part + 1024] = sampling.decoded_uint8(model, codes[part:part + 1024].to(
-            next(model.parameters()).device)).cpu()
-    with Progress("Inception features, training codes decoded", n, "image", estimate=True,
-                  shorter="--fid_samples 2000 (a noisier FID)") as bar:
-        feats = fid.features(net, decoded, device=inception_device(model), on_progress=bar.update,
+    decoded = sampling.codes_uint8(model, metrics.posterior_means(model, train_images[rows]))
+    return {**quality_of(decoded, model, reference, "training codes decoded"), "n_samples": n,
+            "seconds": time.perf_counter() - start}
+
+
+def quality_of(samples, model, reference, what, shorter=""):
+    """FID, KID, precision and recall of uint8 `samples` against reference = (network, precision,
+    the test images' features), the Inception pass shown as progress."""
+    import fid
+    net, precision, ref = reference
+    with Progress(f"Inception features, {what}", samples.shape[0], "image", estimate=True,
+                  shorter="--fid_samples 2000 (a noisier FID)" + shorter) as bar:
+        feats = fid.features(net, samples, device=inception_device(model), on_progress=bar.update,
                              precision=precision)
-    return {**fid.sample_quality(ref, feats), "n_samples": n, "seconds": time.perf_counter() - start}
+    return fid.sample_quality(ref, feats)
 
 
 def eval_figures(model, images, *, iw_samples, kld_weight, binarized, seed=0):

@@ -24,18 +24,29 @@ def decoded_uint8(model, z):
 def prior_samples_uint8(model, n, generator, prior=None, chunk=1024, on_progress=None):
     """n images decoded from z ~ `prior` (a priors.py state; None is N(0, I)), quantised to
     uint8 as a saved sample is, on the CPU; on_progress(images done), if given, after each chunk
-    (the Riemannian prior's HMC takes seconds per chunk).
+    (the Riemannian prior's HMC takes seconds per chunk)."""
+    device = next(model.parameters()).device
+    return _decoded_in_chunks(model, n, lambda start, size: priors.sample_latents(
+        prior, size, generator, device, latent_dim=model.config.latent_dim), chunk, on_progress)
 
-    Drawn in chunks and filled in place: a list of chunks and a torch.cat would hold every
-    sample twice, so memory stays one uint8 copy whatever n is."""
+
+def codes_uint8(model, codes, chunk=1024):
+    """The decoder's mean image of each latent code (N, latent_dim), uint8 on the CPU."""
+    device = next(model.parameters()).device
+    return _decoded_in_chunks(model, codes.shape[0], lambda start, size: codes[start:start + size].to(device), chunk)
+
+
+def _decoded_in_chunks(model, n, latents, chunk, on_progress=None):
+    """n images decoded from latents(first index, count), chunk by chunk, in eval mode (BatchNorm
+    at its running statistics, so an image does not depend on the rest of its chunk).
+
+    Filled in place: a list of chunks and a torch.cat would hold every sample twice, so memory
+    stays one uint8 copy whatever n is."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     samples = torch.empty((n, *model.config.image_shape), dtype=torch.uint8)
     for start in range(0, n, chunk):
-        z = priors.sample_latents(prior, min(chunk, n - start), generator, device,
-                                  latent_dim=model.config.latent_dim)
-        images = decoded_uint8(model, z)
+        images = decoded_uint8(model, latents(start, min(chunk, n - start)))
         samples[start:start + images.shape[0]] = images.cpu()
         if on_progress is not None:
             on_progress(start + images.shape[0])

@@ -99,18 +99,20 @@ def stops_held():
 
 
 @contextlib.contextmanager
-def written_atomically(path):
-    """Yield a temporary path beside `path` (the same extension, for writers that read the
-    format from it); once the block ends, it replaces `path` whole. On any error or stop the
-    temporary file is removed, so `path` is either as it was or complete, never half."""
+def written_atomically(path, suffix=None):
+    """Yield a temporary path beside `path` (so the rename cannot cross filesystems), ending in
+    `suffix` (default: path's extension, for writers that read the format from it); once the
+    block ends, it replaces `path` whole, with the permissions the user's umask gives a new
+    file. On any error or stop the temporary is removed, so `path` is either as it was or
+    complete, never half. Its name carries this machine and process (remove_stale_temporaries)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{_HOST}-{os.getpid()}-", suffix=os.path.splitext(path)[1],
-                               dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{_HOST}-{os.getpid()}-",
+                               suffix=os.path.splitext(path)[1] if suffix is None else suffix, dir=folder)
     os.close(fd)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~current_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would hide it from colleagues
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -220,30 +222,21 @@ def atomic_torch_save(obj, path):
     """Write `obj` so that `path` is either the old file or the complete new one, never half,
     with the permissions the user's umask gives a new file.
 
-    The temporary file lives in the same folder so the final rename cannot cross filesystems;
-    its name carries this machine and process, so the next save into the folder removes those a
-    killed process left behind (and only those)."""
+    Written through written_atomically, its temporary always ending in .pt, so the next save
+    into the folder removes those a killed process left behind (and only those)."""
     import torch
     folder = os.path.dirname(os.path.abspath(path))
-    tmp_path = None
     try:
         os.makedirs(folder, exist_ok=True)
         remove_stale_temporaries(folder)
-        fd, tmp_path = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{_HOST}-{os.getpid()}-", suffix=".pt", dir=folder)
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would hide it from colleagues
-        with os.fdopen(fd, "wb") as f:
+        with written_atomically(path, suffix=".pt") as tmp, open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-        tmp_path = None
     except (OSError, RuntimeError) as e:
         # torch's zip writer turns a full disk into RuntimeError("unexpected pos ...").
         raise UserError(f"could not save {path}: {_save_failure(e, folder)}; "
                         "any previous file there is left intact") from None
-    finally:
-        if tmp_path is not None and os.path.exists(tmp_path):
-            os.remove(tmp_path)
 
 
 _TMP_PREFIX = ".tmp-"
